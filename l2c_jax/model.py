@@ -1,0 +1,121 @@
+"""`Model`: a Flax module, its config and its parameters behind the API.md call.
+
+`model(x, t, y, cache=None, mask=None, beta=None) -> (out, cache)` jits once
+per distinct static mask. `model.apply(params, ...)` is the same computation
+as a pure function, for callers that jit or differentiate themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+from l2c_jax import checkpoint
+from l2c_jax.errors import CheckpointError, ConfigError
+from l2c_jax.models.cache import check_mask
+
+# family -> (config dataclass, module class); filled by register_family.
+_FAMILIES: Dict[str, tuple] = {}
+
+
+def register_family(name: str, config_cls, module_cls, example_inputs: Callable):
+    """`example_inputs(config) -> (x, t, y)` shapes used to trace parameters."""
+    _FAMILIES[name] = (config_cls, module_cls, example_inputs)
+
+
+def family_of(name: str):
+    if name not in _FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r} (known: {', '.join(sorted(_FAMILIES))})")
+    return _FAMILIES[name]
+
+
+def abstract_params(family: str, config) -> Any:
+    config_cls, module_cls, example_inputs = family_of(family)
+    module = module_cls(config)
+    x, t, y = example_inputs(config)
+    return jax.eval_shape(lambda x, t, y: module.init(jax.random.key(0), x, t, y), x, t, y)["params"]
+
+
+@dataclasses.dataclass
+class Model:
+    family: str
+    config: Any
+    params: Any
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _, module_cls, _ = family_of(self.family)
+        self.module = module_cls(self.config, dtype=self.dtype)
+        self._jitted: Dict[Any, Callable] = {}
+
+    @property
+    def num_units(self) -> int:
+        return self.config.num_units
+
+    def apply(self, params, x, t, y=None, cache=None, mask=None, beta=None):
+        """Pure forward: (out NHWC float32, new cache tuple)."""
+        mask = check_mask(mask, self.num_units)
+        if cache is not None and len(cache) != self.num_units:
+            raise ConfigError(f"cache has {len(cache)} entries, the model has {self.num_units} sub-layers")
+        return self.module.apply({"params": params}, x, t, y, cache, mask, beta)
+
+    def apply_cfg(self, params, x, t, y, cfg_scale, cache=None, mask=None, beta=None, guidance_channels=3):
+        """DiT's `forward_with_cfg`: batch is [cond | uncond] halves; the first half of x is used for both.
+
+        Guidance is applied to the first `guidance_channels` output channels
+        (3, the original's choice "for exact reproducibility"); pass None to
+        guide all `in_channels` channels of eps, the standard formulation.
+        """
+        n = x.shape[0]
+        if n % 2:
+            raise ConfigError(f"classifier-free guidance needs an even batch [cond | uncond], got {n}")
+        half = x[: n // 2]
+        out, cache = self.apply(params, jnp.concatenate([half, half], 0), t, y, cache, mask, beta)
+        gc = self.config.in_channels if guidance_channels is None else guidance_channels
+        eps, rest = out[..., :gc], out[..., gc:]
+        cond, uncond = eps[: n // 2], eps[n // 2:]
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        return jnp.concatenate([jnp.concatenate([half_eps, half_eps], 0), rest], -1), cache
+
+    def _jit(self, kind: str, mask):
+        key = (kind, mask)
+        if key not in self._jitted:
+            fn = self.apply if kind == "plain" else self.apply_cfg
+            self._jitted[key] = jax.jit(functools.partial(fn, mask=mask))
+        return self._jitted[key]
+
+    def __call__(self, x, t, y=None, cache=None, mask=None, beta=None):
+        mask = check_mask(mask, self.num_units)
+        return self._jit("plain", mask)(self.params, x, t, y, cache, beta=beta)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cache=None, mask=None, beta=None):
+        mask = check_mask(mask, self.num_units)
+        return self._jit("cfg", mask)(self.params, x, t, y, cfg_scale, cache, beta=beta)
+
+    def save(self, directory: str, **extra) -> None:
+        checkpoint.write_model_dir(directory, self.family, dataclasses.asdict(self.config), self.params, **extra)
+
+
+def load_model(directory: str, dtype=jnp.float32) -> Model:
+    """Restores a model written by `convert/` (or `Model.save`)."""
+    _ensure_registered()
+    meta = checkpoint.read_model_meta(directory)
+    config_cls, _, _ = family_of(meta["family"])
+    try:
+        config = config_cls(**meta["config"])
+    except TypeError as e:
+        raise CheckpointError(f"{directory}: invalid model config: {e}") from None
+    import os
+
+    params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR),
+                                       abstract_params(meta["family"], config))
+    return Model(meta["family"], config, params, dtype=dtype)
+
+
+def _ensure_registered():
+    # Importing the model modules registers their families.
+    from l2c_jax.models import registry  # noqa: F401

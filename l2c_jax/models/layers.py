@@ -1,0 +1,105 @@
+"""Building blocks shared by the transformer models (NHWC / token-major)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def layer_norm(x, eps: float):
+    """Non-affine LayerNorm over the last axis, variance of centred values (as PyTorch)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    xc = x32 - mean
+    var = (xc * xc).mean(-1, keepdims=True)
+    return (xc * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm with PyTorch's parameter names (`weight` -> scale, `bias`)."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,))
+        bias = self.param("bias", nn.initializers.zeros, (d,))
+        return layer_norm(x, self.eps) * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps: [cos | sin], as GLIDE / DiT."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+    """The fixed 2-D sin-cos position table of MAE / DiT, (grid_size**2, embed_dim).
+
+    Half of the channels encode the row, half the column; computed in float64
+    and rounded once, as the original does.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position table needs a width divisible by 4, got {embed_dim}")
+    coords = np.arange(grid_size, dtype=np.float32)
+    col, row = np.meshgrid(coords, coords)  # the original's meshgrid(w, h): first grid varies along columns
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # The original feeds grid[0] (= the w coordinates) into the first half.
+    return np.concatenate([one_d(embed_dim // 2, col), one_d(embed_dim // 2, row)], axis=1).astype(np.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's layout)."""
+
+    dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, c = x.shape
+        h = self.num_heads
+        qkv = nn.Dense(3 * self.dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+        qkv = qkv.reshape(b, n, 3, h, c // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
+        out = dot_product_attention(q, k, v)
+        return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out.reshape(b, n, c))
+
+
+def dot_product_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over (B, N, H, hd); softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (timm's Mlp)."""
+
+    hidden: int
+    out: int
+    approximate_gelu: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        x = jax.nn.gelu(x, approximate=self.approximate_gelu)
+        return nn.Dense(self.out, dtype=self.dtype, name="fc2")(x)
