@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import zipfile
 from typing import Any, Mapping
 
@@ -41,19 +42,22 @@ def _to_numpy(obj: Any) -> Any:
 
 
 def _load_torch(path: str) -> Any:
-    import torch
     import pickle
+    import warnings
+
+    import torch
 
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the outcome is what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refused a global: the file wants code run to load it.
-        first = str(e).strip().splitlines()
-        detail = next((l for l in first if "Unsupported global" in l or "GLOBAL" in l), first[0] if first else "")
+        m = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[A-Z_]+ not supported[^\n.]*)", str(e))
+        detail = f" ({m.group(1)})" if m else ""
         raise CheckpointError(
             f"{path}: refused to load, the file needs more than tensors, containers and "
-            f"argparse.Namespace to unpickle ({detail.strip()})"
+            f"argparse.Namespace to unpickle{detail}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         msg = " ".join(str(e).split())[:300]
