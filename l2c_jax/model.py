@@ -96,6 +96,15 @@ class Model:
         mask = check_mask(mask, self.num_units)
         return self._jit("cfg", mask)(self.params, x, t, y, cfg_scale, cache, beta=beta)
 
+    @classmethod
+    def random(cls, family: str, config, seed: int = 0, dtype=jnp.float32) -> "Model":
+        """A randomly initialised model (the original's init is not reproduced; for tests and training)."""
+        _ensure_registered()
+        _, module_cls, example_inputs = family_of(family)
+        x, t, y = (jnp.zeros(s.shape, s.dtype) for s in example_inputs(config))
+        params = jax.jit(module_cls(config).init)(jax.random.key(seed), x, t, y)["params"]
+        return cls(family, config, params, dtype=dtype)
+
     def save(self, directory: str, **extra) -> None:
         checkpoint.write_model_dir(directory, self.family, dataclasses.asdict(self.config), self.params, **extra)
 

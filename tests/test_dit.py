@@ -211,13 +211,20 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_refuses_pickle_payload(tmp_path):
+@pytest.mark.parametrize("as_torch_zip", [True, False])
+def test_refuses_pickle_payload(tmp_path, as_torch_zip):
+    """A checkpoint whose unpickling would run code (here: create a file) is refused, and nothing runs."""
+    import torch
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"
-    import torch
     sd = torch.load(fixture_path("dit", "dit_tiny.pt"), weights_only=True)
-    with open(bad, "wb") as f:
-        pickle.dump({"model": sd, "trap": _Payload(str(marker))}, f)
+    obj = {"model": sd, "trap": _Payload(str(marker))}
+    if as_torch_zip:
+        torch.save(obj, bad)  # the layout torch.save writes, payload inside data.pkl
+    else:
+        with open(bad, "wb") as f:
+            pickle.dump(obj, f, protocol=2)  # a legacy bare pickle
+    assert not marker.exists()
     r = run_convert("--checkpoint", str(bad), "--num-heads", "4", "--out", str(tmp_path / "o"))
     _assert_one_line_error(r, "refused")
     assert not marker.exists()

@@ -1,0 +1,149 @@
+"""End-to-end jobs behind the scripts: `run_sampling(config, workdir)`.
+
+Loads the converted model, router and VAE named by the config, samples the
+requested labels in batches (data-parallel over local devices), decodes,
+writes a PNG grid and optionally the ADM evaluator's npz, and reports the
+latency per batch and the schedule's share of computed sub-layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2c_jax import images as imio
+from l2c_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _labels(config, num_classes: int) -> np.ndarray:
+    if config.get("labels"):
+        y = np.asarray(list(config.labels), np.int64)
+        n = int(config.get("num_samples") or len(y))
+        y = np.resize(y, n)
+    else:
+        n = int(config.get("num_samples") or 0)
+        if n <= 0:
+            raise ConfigError("set labels or num_samples")
+        y = np.random.default_rng(config.seed).integers(0, num_classes, size=n)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ConfigError(f"labels must lie in [0, {num_classes - 1}], got {y.min()}..{y.max()}")
+    return y
+
+
+def load_for_sampling(config):
+    """(model, router or None, vae or None) from the config's paths."""
+    from l2c_jax.model import Model, load_model
+    from l2c_jax.models.dit import DiTConfig
+
+    mc = config.model
+    if mc.get("random_init"):
+        # A randomly initialised DiT, for smoke tests without any checkpoint.
+        model = Model.random("dit", DiTConfig(**mc.arch.to_dict()), mc.get("init_seed", 0))
+    else:
+        if not mc.get("checkpoint"):
+            raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/dit.py first")
+        model = load_model(mc.checkpoint, dtype=jnp.dtype(config.get("dtype", "float32")))
+    router = None
+    rc = config.get("router")
+    if rc is not None and rc.get("checkpoint"):
+        from l2c_jax.router import load_router
+        router = load_router(rc.checkpoint, kind=rc.get("kind") or None)
+    vae = None
+    vc = config.get("vae")
+    if vc is not None and vc.get("checkpoint"):
+        from l2c_jax.vae import load_vae
+        vae = load_vae(vc.checkpoint, chunk_size=vc.get("decode_chunk", 16))
+    return model, router, vae
+
+
+def _data_sharding(batch: int):
+    """Batch split over a 1-D `data` mesh of local devices when it divides evenly."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch % len(devices):
+        return None
+    return NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
+
+
+def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
+    from l2c_jax.sampling import DiTSampler, computed_share
+
+    model, router, vae = load_for_sampling(config)
+    if model.family != "dit":
+        raise ConfigError(f"scripts/sample.py samples DiT models here; got {model.family}")
+    sc = config.sampler
+    sampler = DiTSampler(model, sc.steps, sc.get("name", "ddim"), sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
+                         guidance_channels=sc.get("guidance_channels", 3))
+    masks = None
+    if router is not None:
+        thr = config.router.threshold
+        if router.num_units != model.num_units:
+            raise ConfigError(f"router has {router.num_units} columns, the model has {model.num_units} "
+                              f"sub-layers (depth {model.config.depth})")
+        if router.steps != sampler.steps:
+            raise ConfigError(f"router was trained for {router.steps} steps, the config samples {sampler.steps}")
+        masks = router.masks(thr)
+    share = computed_share(masks, sampler.steps, model.num_units)
+
+    cfg = model.config
+    labels = _labels(config, cfg.num_classes)
+    bs = int(config.batch_size)
+    rng = jax.random.key(config.seed)
+    shard = _data_sharding(bs)
+    workdir = workdir or config.get("workdir") or "."
+    os.makedirs(workdir, exist_ok=True)
+
+    outs, times = [], []
+    n_batches = -(-len(labels) // bs)
+    from tqdm.auto import tqdm
+
+    for b in tqdm(range(n_batches), desc="batches", disable=n_batches < 2):
+        y = labels[b * bs:(b + 1) * bs]
+        rng, k_noise, k_step = jax.random.split(rng, 3)
+        noise = jax.random.normal(k_noise, (bs, cfg.input_size, cfg.input_size, cfg.in_channels))
+        yb = np.resize(y, bs)  # pad the last batch so every batch compiles to one shape
+        if shard is not None:
+            noise = jax.device_put(noise, shard)
+        key = k_step if (sampler.solver == "ddpm" or sampler.eta > 0) else None
+        runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
+        for r in range(runs):
+            t0 = time.perf_counter()
+            lat = sampler(noise, yb, masks, key=key)
+            lat.block_until_ready()
+            dt = time.perf_counter() - t0
+            if not (b == 0 and r == 0 and runs > 1):  # the very first run includes compilation
+                times.append(dt)
+        if vae is not None:
+            imgs = vae.decode(lat / config.vae.get("scale", 0.18215))
+        else:
+            imgs = lat
+        outs.append(imio.to_uint8(np.asarray(imgs))[: len(y)])
+    images = np.concatenate(outs)
+
+    grid_path = os.path.join(workdir, config.get("grid", "samples.png"))
+    imio.save_png(grid_path, imio.make_grid(images[: config.get("grid_max", 64)], nrow=8),
+                  upscale=config.get("grid_upscale", 1))
+    npz_path = None
+    if config.get("npz"):
+        npz_path = os.path.join(workdir, config.npz)
+        imio.save_npz(npz_path, images)
+
+    t = np.asarray(times)
+    result = dict(latency_mean=float(t.mean()), latency_std=float(t.std()), computed_share=share,
+                  num_images=int(len(images)), grid=grid_path, npz=npz_path, batch_size=bs,
+                  steps=sampler.steps, router=bool(router))
+    report(f"sampled {len(images)} images, {sampler.steps} {sampler.solver.upper()} steps"
+           f"{' + L2C' if router else ''}, batch {bs}: {t.mean():.3f}±{t.std():.3f} s per batch "
+           f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
+    report(f"sub-layers computed: {share * 100:.2f}% of {sampler.steps} x {model.num_units}")
+    report(f"wrote {grid_path}" + (f" and {npz_path}" if npz_path else ""))
+    return result

@@ -1,0 +1,133 @@
+"""DiT sampling with the learned cache: DDIM (or ancestral DDPM) over a respaced schedule.
+
+Each sampler step is one jitted function of (params, x, cache, index, labels,
+noise). The cache mask of a step is static, so every distinct mask compiles
+once (kept in `DiTSampler._compiled`) and a reused sub-layer is absent from
+that step's graph. The feature cache is an explicit pytree carried from one
+step to the next; a step whose successor reuses nothing does not return it,
+so XLA need not keep those activations alive.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2c_jax.diffusion.gaussian import create_diffusion
+from l2c_jax.errors import ConfigError
+from l2c_jax.models.cache import check_mask
+
+
+class DiTSampler:
+    """Samples latents from a DiT `Model`.
+
+    solver: "ddim" (eta 0 by default, deterministic given the noise) or "ddpm"
+    (ancestral, needs a PRNG key). cfg_scale: None or 1.0 samples without
+    guidance; otherwise the batch is doubled as [cond | null class] and guided
+    as the original's `forward_with_cfg` (first `guidance_channels` channels).
+    """
+
+    def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
+                 eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
+                 noise_schedule: str = "linear"):
+        if model.family != "dit":
+            raise ConfigError(f"DiTSampler needs a DiT model, got {model.family}")
+        if solver not in ("ddim", "ddpm"):
+            raise ConfigError(f"unknown DiT solver {solver!r}; use 'ddim' or 'ddpm'")
+        if steps < 1:
+            raise ConfigError(f"steps must be positive, got {steps}")
+        self.model = model
+        self.solver = solver
+        self.cfg_scale = None if cfg_scale is None or float(cfg_scale) == 1.0 else float(cfg_scale)
+        self.eta = float(eta)
+        self.guidance_channels = guidance_channels
+        # The original samples with create_diffusion(str(num_sampling_steps)).
+        self.diffusion = create_diffusion(respacing or str(steps), noise_schedule=noise_schedule,
+                                          learn_sigma=model.config.learn_sigma)
+        self.steps = self.diffusion.num_timesteps
+        self._compiled = {}
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, params, x, cache, i, y, noise, *, mask, keep_cache):
+        t = jnp.broadcast_to(self.diffusion.model_timesteps(i), (x.shape[0],))
+        if self.cfg_scale is None:
+            out, new_cache = self.model.apply(params, x, t, y, cache, mask)
+        else:
+            out, new_cache = self.model.apply_cfg(params, x, t, y, self.cfg_scale, cache, mask,
+                                                  guidance_channels=self.guidance_channels)
+        if self.solver == "ddim":
+            x = self.diffusion.ddim_step(out, x, i, eta=self.eta, noise=noise)
+        else:
+            x = self.diffusion.ddpm_step(out, x, i, noise)
+        return x, (new_cache if keep_cache else None)
+
+    def step_fn(self, mask, keep_cache: bool):
+        """The jitted step for one static mask (compiled on first use, then reused)."""
+        key = (mask, keep_cache)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep_cache))
+        return self._compiled[key]
+
+    def schedule(self, masks=None) -> list:
+        """Normalised per-step masks in sampling order (None = compute everything)."""
+        if masks is None:
+            return [None] * self.steps
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape != (self.steps, self.model.num_units):
+            raise ConfigError(f"cache masks have shape {masks.shape}, the sampler needs "
+                              f"({self.steps}, {self.model.num_units}) (steps, sub-layers)")
+        out = [check_mask(m, self.model.num_units) for m in masks]
+        if out[0] is not None:
+            raise ConfigError("the first sampler step must compute every sub-layer (there is no cache yet)")
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def __call__(self, noise, y, masks=None, key=None, progress: bool = False):
+        """noise (B,H,W,C) float32, y (B,) int labels -> latents (B,H,W,C)."""
+        noise = jnp.asarray(noise, jnp.float32)
+        y = jnp.asarray(y, jnp.int32)
+        cfg = self.model.config
+        if noise.ndim != 4 or noise.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
+            raise ConfigError(f"noise has shape {tuple(noise.shape)}, the model takes "
+                              f"(B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels})")
+        if y.shape != noise.shape[:1]:
+            raise ConfigError(f"labels have shape {tuple(y.shape)} for a batch of {noise.shape[0]}")
+        ylo, yhi = int(jnp.min(y)), int(jnp.max(y))
+        if ylo < 0 or yhi > cfg.num_classes:
+            raise ConfigError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
+                              f"got {ylo}..{yhi}")
+        if self.solver == "ddpm" or self.eta > 0:
+            if key is None:
+                raise ConfigError(f"{self.solver} with eta={self.eta} draws noise: pass a PRNG key")
+        b = noise.shape[0]
+        x = noise
+        if self.cfg_scale is not None:
+            x = jnp.concatenate([noise, noise], 0)
+            y = jnp.concatenate([y, jnp.full_like(y, cfg.null_class)], 0)
+        schedule = self.schedule(masks)
+        cache = None
+        indices = self.diffusion.sampling_indices()
+        it = enumerate(indices)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, total=len(indices), desc="sampling", leave=False)
+        for s, i in it:
+            keep = s + 1 < len(schedule) and schedule[s + 1] is not None
+            step_noise = None
+            if key is not None:
+                key, sub = jax.random.split(key)
+                step_noise = jax.random.normal(sub, x.shape, x.dtype)
+            x, cache = self.step_fn(schedule[s], keep)(self.model.params, x, cache, jnp.int32(i), y, step_noise)
+        return x[:b]
+
+
+def computed_share(masks: Optional[Sequence], steps: int, num_units: int) -> float:
+    """Share of sub-layer evaluations a schedule computes (1.0 without a cache)."""
+    if masks is None:
+        return 1.0
+    m = np.asarray(masks, dtype=bool)
+    return float(m.sum()) / float(steps * num_units)

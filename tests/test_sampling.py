@@ -1,0 +1,138 @@
+"""DiT sampling with and without the learned cache against the original's DDIM runs."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, fixture_path
+from l2c_jax import ConfigError
+from l2c_jax.convert.dit import convert_dit
+from l2c_jax.router import load_router
+from l2c_jax.sampling import DiTSampler, sample
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def io():
+    return dict(np.load(fixture_path("dit", "dit_tiny_io.npz")))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return convert_dit(fixture_path("dit", "dit_tiny.pt"), num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def router():
+    return load_router(fixture_path("dit", "dit_tiny_router_ddim10.pt"))
+
+
+def test_ddim_full_matches_original(model, io):
+    # The fixture batch is [2 cond | 2 uncond] of the same noise; we pass the cond half.
+    noise = io["ddim_noise"].transpose(0, 2, 3, 1)[:2]
+    out = sample(model, noise, io["ddim_y"][:2], solver="ddim", steps=int(io["ddim_steps"]), cfg_scale=4.0)
+    assert rel_err(out, io["ddim_full"].transpose(0, 2, 3, 1)[:2]) < 1e-4
+
+
+def test_ddim_l2c_matches_original(model, router, io):
+    noise = io["ddim_noise"].transpose(0, 2, 3, 1)[:2]
+    out = sample(model, noise, io["ddim_y"][:2], solver="ddim", steps=10, cfg_scale=4.0,
+                 router=router, threshold=float(io["l2c_threshold"]))
+    ref = io["ddim_l2c"].transpose(0, 2, 3, 1)[:2]
+    assert rel_err(out, ref) < 1e-4
+    # and the cache made a difference the original also saw
+    assert rel_err(io["ddim_full"][:2], io["ddim_l2c"][:2]) > 1e-4
+
+
+def test_router_masks_and_timestep_map(router, io):
+    np.testing.assert_array_equal(router.masks(float(io["l2c_threshold"])), io["l2c_masks"])
+    s = DiTSampler(convert_dit(fixture_path("dit", "dit_tiny.pt"), num_heads=4), 10)
+    np.testing.assert_array_equal(s.diffusion.timestep_map, io["timestep_map"])
+
+
+def test_each_distinct_mask_compiles_once(model, router, io):
+    s = DiTSampler(model, 10, cfg_scale=4.0)
+    masks = router.masks(0.5)
+    noise = io["ddim_noise"].transpose(0, 2, 3, 1)[:2]
+    s(noise, io["ddim_y"][:2], masks)
+    n = len(s._compiled)
+    distinct = {tuple(m) for m in masks if not all(m)}
+    assert n <= len(distinct) + 2  # + the full step with and without keeping the cache
+    s(noise, io["ddim_y"][:2], masks)
+    assert len(s._compiled) == n
+
+
+def test_deterministic_given_noise(model, io):
+    noise = io["ddim_noise"].transpose(0, 2, 3, 1)[:2]
+    a = sample(model, noise, io["ddim_y"][:2], steps=4, cfg_scale=4.0)
+    b = sample(model, noise, io["ddim_y"][:2], steps=4, cfg_scale=4.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ddpm_needs_a_key_and_runs(model, io):
+    import jax
+    noise = jnp.asarray(io["ddim_noise"].transpose(0, 2, 3, 1)[:2])
+    with pytest.raises(ConfigError, match="PRNG key"):
+        sample(model, noise, io["ddim_y"][:2], solver="ddpm", steps=4)
+    out = sample(model, noise, io["ddim_y"][:2], solver="ddpm", steps=4, key=jax.random.key(0))
+    assert out.shape == noise.shape and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_bad_inputs_are_clear_errors(model, router, io):
+    noise = io["ddim_noise"].transpose(0, 2, 3, 1)[:2]
+    with pytest.raises(ConfigError, match="trained for 10 steps"):
+        sample(model, noise, io["ddim_y"][:2], steps=20, router=router, threshold=0.5)
+    with pytest.raises(ConfigError, match="threshold"):
+        sample(model, noise, io["ddim_y"][:2], steps=10, router=router)
+    with pytest.raises(ConfigError, match="labels must lie"):
+        sample(model, noise, np.array([3, 11]), steps=2)
+    with pytest.raises(ConfigError, match="noise has shape"):
+        sample(model, noise[:, :4], io["ddim_y"][:2], steps=2)
+
+
+def test_sample_script_end_to_end_with_tiny_dit_and_vae(tmp_path):
+    """Converted tiny DiT + tiny VAE + router -> PNG grid and npz."""
+    dit_dir, vae_dir = tmp_path / "dit", tmp_path / "vae"
+    py = sys.executable
+    r = subprocess.run([py, "convert/dit.py", "--checkpoint", fixture_path("dit", "dit_tiny.pt"), "--num-heads", "4",
+                        "--out", str(dit_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([py, "convert/vae.py", "--checkpoint", fixture_path("vae", "vae_tiny_diffusers.safetensors"),
+                        "--out", str(vae_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    work = tmp_path / "work"
+    r = subprocess.run([py, "scripts/sample.py", "--config", "configs/dit_tiny.py",
+                        f"--config.model.checkpoint={dit_dir}", "--config.model.random_init=False",
+                        f"--config.vae.checkpoint={vae_dir}",
+                        f"--config.router.checkpoint={fixture_path('dit', 'dit_tiny_router_ddim10.pt')}",
+                        "--config.router.threshold=0.5", "--config.sampler.steps=10",
+                        "--config.labels=(1,2,3)", "--config.batch_size=2", "--config.repeats=1",
+                        "--config.npz=samples.npz", "--workdir", str(work)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "sub-layers computed" in r.stdout and "per batch" in r.stdout
+    from PIL import Image
+    img = Image.open(work / "samples.png")
+    assert img.size[0] > 16
+    arr = np.load(work / "samples.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 16, 16, 3)
+
+
+def test_sample_script_refuses_router_for_other_steps(tmp_path):
+    dit_dir = tmp_path / "dit"
+    subprocess.run([sys.executable, "convert/dit.py", "--checkpoint", fixture_path("dit", "dit_tiny.pt"),
+                    "--num-heads", "4", "--out", str(dit_dir)], cwd=ROOT, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/dit_tiny.py",
+                        f"--config.model.checkpoint={dit_dir}", "--config.model.random_init=False",
+                        f"--config.router.checkpoint={fixture_path('dit', 'dit_tiny_router_ddim10.pt')}",
+                        "--config.sampler.steps=20", "--workdir", str(tmp_path / "w")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "10 steps" in r.stderr
