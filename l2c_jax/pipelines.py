@@ -75,7 +75,7 @@ def _data_sharding(batch: int):
 
 
 def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
-    from l2c_jax.sampling import DiTSampler, computed_share
+    from l2c_jax.sampling import DiTSampler, computed_share, router_masks
 
     model, router, vae = load_for_sampling(config)
     if model.family != "dit":
@@ -83,15 +83,7 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
     sc = config.sampler
     sampler = DiTSampler(model, sc.steps, sc.get("name", "ddim"), sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
                          guidance_channels=sc.get("guidance_channels", 3))
-    masks = None
-    if router is not None:
-        thr = config.router.threshold
-        if router.num_units != model.num_units:
-            raise ConfigError(f"router has {router.num_units} columns, the model has {model.num_units} "
-                              f"sub-layers (depth {model.config.depth})")
-        if router.steps != sampler.steps:
-            raise ConfigError(f"router was trained for {router.steps} steps, the config samples {sampler.steps}")
-        masks = router.masks(thr)
+    masks = router_masks(model, router, config.router.get("threshold"), sampler.steps) if router else None
     share = computed_share(masks, sampler.steps, model.num_units)
 
     cfg = model.config
