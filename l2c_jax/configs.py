@@ -30,7 +30,8 @@ def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):
         if path is not None and not os.path.isfile(path.split(":", 1)[0]):
             raise ConfigError(f"config file not found: {path.split(':', 1)[0]}")
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
+                                    sys_argv=["prog"] + list(argv))
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     flags.DEFINE_boolean("verbose", False, "tracebacks on errors", flag_values=fv)
     try:

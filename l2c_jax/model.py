@@ -34,6 +34,7 @@ def family_of(name: str):
 
 
 def abstract_params(family: str, config) -> Any:
+    _ensure_registered()
     config_cls, module_cls, example_inputs = family_of(family)
     module = module_cls(config)
     x, t, y = example_inputs(config)

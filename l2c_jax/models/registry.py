@@ -14,3 +14,17 @@ def _dit_inputs(cfg: DiTConfig):
 
 
 register_family("dit", DiTConfig, DiT, _dit_inputs)
+
+
+# ---- U-ViT
+from l2c_jax.models.uvit import UViT, UViTConfig  # noqa: E402
+
+
+def _uvit_inputs(cfg: UViTConfig):
+    s = cfg.img_size
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if cfg.num_classes > 0 else None
+    return (jax.ShapeDtypeStruct((1, s, s, cfg.in_chans), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32), y)
+
+
+register_family("uvit", UViTConfig, UViT, _uvit_inputs)

@@ -1,0 +1,48 @@
+"""Router training for DiT + DDIM (scripts/train_router.py).
+
+`--config configs/router_dit.py:xl2_256_ddim20` picks a row of the released
+hyper-parameter table (REFERENCE.md); without an argument, DiT-XL/2 256 DDIM 20.
+Global batch 64, AdamW (wd 0), router clamped to [-5, 5] after each step.
+"""
+
+import ml_collections
+
+# (model, image size, DDIM steps) -> (l1 weight, lr, inference threshold), the released settings.
+TABLE = {
+    ("xl2", 256, 50): (1e-6, 1e-3, 0.1),
+    ("xl2", 256, 20): (5e-6, 1e-3, 0.1),
+    ("xl2", 256, 10): (1e-6, 1e-3, 0.1),
+    ("xl2", 512, 50): (5e-6, 1e-3, 0.9),
+    ("l2", 256, 50): (1e-6, 1e-3, 0.1),
+    ("l2", 256, 20): (5e-6, 1e-2, 0.1),
+}
+
+
+def get_config(arg="xl2_256_ddim20"):
+    tag, size, steps = arg.split("_")
+    size, steps = int(size), int(steps.replace("ddim", ""))
+    if (tag, size, steps) not in TABLE:
+        raise ValueError(f"no released setting for {arg}; known: "
+                         + ", ".join(f"{t}_{s}_ddim{n}" for t, s, n in TABLE))
+    l1, lr, thr = TABLE[(tag, size, steps)]
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(checkpoint=f"ckpt/dit_{tag}_{size}", random_init=False))
+    c.vae = ml_collections.ConfigDict(dict(checkpoint="ckpt/sd-vae-ft-ema", scale=0.18215))
+    c.data = ml_collections.ConfigDict(dict(
+        image_folder="",            # root/<class>/*.JPEG, e.g. ImageNet train
+        tfds_name="",               # or a TFDS dataset such as "imagenet2012"
+        split="train",
+        tfds_data_dir="",
+        manual_dir="",              # imagenet2012: the directory holding ILSVRC2012_img_train.tar
+        latents="",                 # or latents from scripts/extract_latents.py
+        image_size=size,
+        flip=True,
+    ))
+    c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=steps))
+    c.router = ml_collections.ConfigDict(dict(threshold=thr))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=64, steps=20_000, lr=lr, l1=l1, label_dropout=0.1, ste_threshold=None,
+        log_every=100, checkpoint_every=1_000, keep_checkpoints=3,
+    ))
+    return c

@@ -1,0 +1,1 @@
+"""Router training: losses, input pipelines and the training loop."""
