@@ -142,3 +142,18 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_pa
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         train_router(config, workdir, report=lambda *_: None)
     assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["10"]
+
+
+def test_precomputed_latents_train_like_images(tiny_setup, tmp_path):
+    lat = tmp_path / "lat"
+    r = subprocess.run([sys.executable, "scripts/extract_latents.py", "--config", "configs/router_dit_tiny.py",
+                        "--workdir", str(lat), f"--config.vae.checkpoint={tiny_setup / 'vae'}",
+                        f"--config.data.image_folder={tiny_setup / 'images'}", "--config.data.flip=True"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = np.load(lat / "moments.npy")
+    assert m.shape == (48, 8, 8, 8) and np.load(lat / "labels.npy").shape == (48,)
+    r = subprocess.run(train_cmd(tiny_setup, tmp_path / "w", steps=10, extra=[f"--config.data.latents={lat}"]),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_router(str(tmp_path / "w")).steps == 10
