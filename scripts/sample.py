@@ -14,9 +14,12 @@ from l2c_jax.configs import parse_config_flags  # noqa: E402
 
 def main(argv):
     config, workdir = parse_config_flags(argv, __doc__)
-    from l2c_jax.pipelines import run_sampling
+    from l2c_jax.pipelines import run_compare, run_sampling
 
-    run_sampling(config, workdir)
+    if config.get("mode") == "compare":
+        run_compare(config, workdir)
+    else:
+        run_sampling(config, workdir)
 
 
 if __name__ == "__main__":

@@ -236,11 +236,15 @@ class Batches:
 
 
 def make_source(data_config, image_size: int):
-    """The source the config names: data.latents, data.image_folder or data.tfds_name."""
+    """The source the config names: data.latents, data.image_folder or data.tfds_name
+    ("sklearn_digits" names the bundled 8x8 digits)."""
     if data_config.get("latents"):
         return LatentFolder(data_config.latents)
     if data_config.get("image_folder"):
         return ImageFolder(data_config.image_folder, image_size)
+    if data_config.get("tfds_name") == "sklearn_digits":
+        from l2c_jax.training.digits import digits_source
+        return digits_source()
     if data_config.get("tfds_name"):
         return TfdsSource(data_config.tfds_name, data_config.get("split", "train"), image_size,
                           data_config.get("tfds_data_dir") or None, data_config.get("manual_dir") or None)

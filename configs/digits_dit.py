@@ -1,0 +1,20 @@
+"""The shipped small model: a class-conditional DiT on scikit-learn's 8x8 digits, in pixel space.
+
+12 blocks (24 cacheable sub-layers), width 64, patch 2 (16 tokens): deep
+enough for caching to matter, small enough to train on a CPU.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(arch=ml_collections.ConfigDict(dict(
+        input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=12, num_heads=4,
+        mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True))))
+    c.data = ml_collections.ConfigDict(dict(tfds_name="sklearn_digits", image_size=8, flip=False))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=128, steps=12_000, lr=1e-3, weight_decay=0.0, grad_clip=1.0, ema_decay=0.999,
+        label_dropout=0.1, log_every=500, checkpoint_every=2_000))
+    return c

@@ -1,0 +1,1 @@
+"""Sample-quality measures: FID in a feature space, fidelity of cached to uncached samples."""
