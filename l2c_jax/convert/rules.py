@@ -113,6 +113,14 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping
         got[path] = value.astype(dtype)
     missing = [flax_to_torch_name(p) for p in expected if p not in got and not any(
         flax_to_torch_name(p) == m.split(" ")[0] for m in misshaped)]
+    problems = mismatch_report(missing, unexpected, misshaped)
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: {problems}")
+    return _unflatten(got)
+
+
+def mismatch_report(missing, unexpected, misshaped) -> str:
+    """One line naming the missing, unexpected and mis-shaped keys ('' when all match)."""
     problems = []
     if missing:
         problems.append(f"missing keys: {_summarise(missing)}")
@@ -120,9 +128,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping
         problems.append(f"unexpected keys: {_summarise(unexpected)}")
     if misshaped:
         problems.append(f"mis-shaped keys: {_summarise(misshaped, 4)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
-    return _unflatten(got)
+    return "; ".join(problems)
 
 
 def _torch_shape(path, flax_shape):

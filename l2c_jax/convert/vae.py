@@ -219,15 +219,9 @@ def expected_keys(config: VAEConfig, naming: str, legacy: bool = False) -> Dict[
             for p, a in _flatten(abstract_vae_params(config)).items()}
 
 
-def _summarise(keys, n=6):
-    keys = sorted(keys)
-    s = ", ".join(keys[:n])
-    return s + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def vae_params_from_state_dict(sd: Dict[str, np.ndarray], path: str = "checkpoint"):
     """A state dict in either naming -> (VAEConfig, Flax params, naming, notes)."""
-    from l2c_jax.convert.rules import torch_to_flax
+    from l2c_jax.convert.rules import mismatch_report, torch_to_flax
 
     sd, notes = prepare_state_dict(sd)
     naming, legacy = detect_naming(sd, path)
@@ -238,17 +232,11 @@ def vae_params_from_state_dict(sd: Dict[str, np.ndarray], path: str = "checkpoin
     unexpected = [k for k in sd if k not in expected]
     misshaped = [f"{k} {tuple(np.shape(v))} (expected {expected[k][1]})" for k, v in sd.items()
                  if k in expected and tuple(np.shape(v)) != expected[k][1]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_summarise(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {_summarise(misshaped, 4)}")
+    problems = mismatch_report(missing, unexpected, misshaped)
     if problems:
         raise CheckpointError(f"{path} ({naming} naming) does not match the KL autoencoder its weights describe "
                               f"(ch {config.ch}, ch_mult {list(config.ch_mult)}, {config.num_res_blocks} res-blocks): "
-                              + "; ".join(problems))
+                              + problems)
 
     # LDM keys are the Flax paths under the generic rules; attention 1x1
     # convolutions become the (out, in) matrices of a Linear first.

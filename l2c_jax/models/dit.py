@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from l2c_jax.models.cache import run_unit
-from l2c_jax.models.layers import Attention, Mlp, layer_norm, sincos_pos_embed_2d, timestep_embedding
+from l2c_jax.models.layers import Attention, Mlp, PatchEmbed, layer_norm, sincos_pos_embed_2d, timestep_embedding
 
 # name -> (depth, hidden_size, patch_size, num_heads), the twelve released shapes.
 DIT_VARIANTS = {
@@ -71,19 +71,6 @@ class TimestepEmbedder(nn.Module):
         x = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
         x = nn.Dense(self.hidden_size, dtype=self.dtype, name="mlp_0")(x)
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="mlp_2")(nn.silu(x))
-
-
-class PatchEmbed(nn.Module):
-    hidden_size: int
-    patch_size: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        p = self.patch_size
-        x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj")(x)
-        b, h, w, d = x.shape
-        return x.reshape(b, h * w, d)
 
 
 class DiTBlock(nn.Module):

@@ -63,6 +63,21 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([one_d(embed_dim // 2, col), one_d(embed_dim // 2, row)], axis=1).astype(np.float32)
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (B, h*w, D), row-major as PyTorch's flatten."""
+
+    hidden_size: int
+    patch_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.patch_size
+        x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj")(x)
+        b, h, w, d = x.shape
+        return x.reshape(b, h * w, d)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's layout)."""
 

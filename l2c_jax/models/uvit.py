@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from l2c_jax.errors import ConfigError
 from l2c_jax.models.cache import run_unit
-from l2c_jax.models.layers import Attention, LayerNorm, Mlp, timestep_embedding
+from l2c_jax.models.layers import Attention, LayerNorm, Mlp, PatchEmbed, timestep_embedding
 
 # name -> (embed_dim, depth, num_heads, patch_size): the released U-ViT class-
 # conditional / unconditional image models (baofff/U-ViT configs/*.py):
@@ -104,19 +104,6 @@ class UViTConfig:
             raise ConfigError(f"unknown U-ViT model {name!r}; known: {', '.join(UVIT_VARIANTS)}")
         embed, depth, heads, patch = UVIT_VARIANTS[name]
         return cls(embed_dim=embed, depth=depth, num_heads=heads, patch_size=patch, **kw)
-
-
-class PatchEmbed(nn.Module):
-    embed_dim: int
-    patch_size: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        p = self.patch_size
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj")(x)
-        b, h, w, d = x.shape
-        return x.reshape(b, h * w, d)
 
 
 class Block(nn.Module):

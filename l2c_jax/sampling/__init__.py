@@ -29,10 +29,18 @@ def router_masks(model, router, threshold, steps: int):
 
 def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Optional[float] = None,
            router=None, threshold: Optional[float] = None, key=None, progress: bool = False, **kw):
-    """Samples latents (API.md). With a router, the original's cache schedule applies."""
+    """Samples latents (API.md). With a router, the original's cache schedule applies.
+
+    DiT: solver "ddim" | "ddpm", `steps` sampler steps, CFG as `forward_with_cfg`
+    (None or 1.0 = no guidance). U-ViT: solver "dpm_solver2" (also dpm_solver1/3,
+    dpm_solver2m), `steps` = NFE per branch, CFG `cond + s*(cond - uncond)`.
+    """
     masks = router_masks(model, router, threshold, steps) if router is not None else None
     if model.family == "dit":
         if solver not in ("ddim", "ddpm"):
             raise ConfigError(f"DiT samples with 'ddim' or 'ddpm', not {solver!r}")
         return DiTSampler(model, steps, solver, cfg_scale, **kw)(noise, y, masks, key=key, progress=progress)
-    raise ConfigError(f"no sampler for model family {model.family!r} yet")
+    if model.family == "uvit":
+        from l2c_jax.sampling.uvit import sample_uvit
+        return sample_uvit(model, noise, y, steps, cfg_scale, masks=masks, solver=solver, progress=progress, **kw)
+    raise ConfigError(f"no sampler for model family {model.family!r}")

@@ -20,6 +20,24 @@ import optax
 from l2c_jax.errors import ConfigError
 
 
+def dit_initialization(params, key):
+    """The original's initialisation where it matters for training from scratch: adaLN-Zero
+    (modulations and the output layer start at zero, so each block starts as the identity)
+    and N(0, 0.02) label and timestep embeddings. Other layers keep Flax's defaults."""
+    params = jax.tree.map(lambda a: a, params)  # a mutable copy of the nested dicts
+    k_emb, k_t0, k_t2 = jax.random.split(key, 3)
+    for name, sub in params.items():
+        if name.startswith("blocks_") or name == "final_layer":
+            sub["adaLN_modulation_1"] = jax.tree.map(jnp.zeros_like, sub["adaLN_modulation_1"])
+    params["final_layer"]["linear"] = jax.tree.map(jnp.zeros_like, params["final_layer"]["linear"])
+    table = params["y_embedder"]["embedding_table"]["embedding"]
+    params["y_embedder"]["embedding_table"]["embedding"] = 0.02 * jax.random.normal(k_emb, table.shape)
+    for k, layer in ((k_t0, "mlp_0"), (k_t2, "mlp_2")):
+        w = params["t_embedder"][layer]["kernel"]
+        params["t_embedder"][layer]["kernel"] = 0.02 * jax.random.normal(k, w.shape)
+    return params
+
+
 def train_dit(config, workdir: str, report=print) -> dict:
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
@@ -38,6 +56,7 @@ def train_dit(config, workdir: str, report=print) -> dict:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     arch = DiTConfig(**config.model.arch.to_dict())
     model = Model.random("dit", arch, int(config.seed))
+    model.params = dit_initialization(model.params, jax.random.key(int(config.seed) + 3))
     diffusion = create_diffusion("", learn_sigma=arch.learn_sigma)  # all 1000 steps, as DiT trains
     source = make_source(config.data, int(config.data.image_size))
     batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=bool(config.data.get("flip", False)))

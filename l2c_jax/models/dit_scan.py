@@ -1,0 +1,432 @@
+"""Execution strategies for DiT sampling: compile-once (scan + cond) and ahead-of-time static graphs.
+
+Two ways to run a cache schedule, both numerically the DiT of `l2c_jax.models.dit`:
+
+- "static" (`StaticDiTSampler`, the design of `l2c_jax.sampling.dit`): one
+  compiled graph per distinct step mask; a reused sub-layer is absent from its
+  graph. Here every graph the schedule needs is compiled *before* sampling,
+  from a thread pool (`compile_schedule`), so XLA compiles them in parallel,
+  and with the persistent compilation cache (`enable_compilation_cache`) a
+  second process loads them from disk.
+- "scan" (`ScanDiTSampler`): the blocks run under `jax.lax.scan` over
+  parameters stacked on a leading axis, and every sub-layer sits behind a
+  `jax.lax.cond` on a traced mask array. One graph serves every step of every
+  schedule, so the compile cost is that of one block, paid once. On a CPU a
+  skipped branch costs nothing; on a GPU a conditional may cost a round trip
+  to the host per unit (see BENCHMARKS.md for the measured trade-off).
+
+The scan forward reuses the Flax submodules of `DiT` (`PatchEmbed`,
+`TimestepEmbedder`, `LabelEmbedder`, `Attention`, `Mlp`, `FinalLayer`, applied to
+their parameter subtrees) and `modulate` / `layer_norm`, so only the wiring
+of a block is restated here; `tests/test_dit_scan.py` holds it to the static
+path and to the original's fixtures.
+
+Cache layout of the scan path: ONE array `(2*depth, B, tokens, width)` in
+unit order (row 2i = attention of block i, 2i+1 its MLP), i.e. the static
+path's tuple stacked. `cache_to_tuple` / `cache_from_tuple` convert; the
+scan forward accepts either form and returns the stacked array.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2c_jax.errors import ConfigError
+from l2c_jax.models.dit import DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
+from l2c_jax.models.layers import Attention, Mlp, layer_norm
+from l2c_jax.sampling.dit import DiTSampler
+
+STRATEGIES = ("static", "scan")
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "l2c_jax", "xla")
+
+
+# --------------------------------------------------------------------------- persistent compilation cache
+def enable_compilation_cache(cache_dir: Optional[str] = None) -> Optional[str]:
+    """Turns on JAX's persistent compilation cache for every executable (returns the directory).
+
+    cache_dir: None -> $L2C_JAX_CACHE_DIR or ~/.cache/l2c_jax/xla; "" -> leave it off.
+    Every entry is cached (min compile time 0 s, any size), so a second
+    process loads the step graphs instead of compiling them.
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get("L2C_JAX_CACHE_DIR", DEFAULT_CACHE_DIR)
+    if not cache_dir:
+        return None
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(cache_dir, exist_ok=True)
+    current = jax.config.jax_compilation_cache_dir
+    if current and os.path.abspath(current) != cache_dir:
+        # The cache object is created once per process; point it at the new directory.
+        try:
+            from jax._src import compilation_cache as _cc
+            _cc.reset_cache()
+        except Exception:  # pragma: no cover - private API moved: the old directory stays in use
+            pass
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return cache_dir
+
+
+# --------------------------------------------------------------------------- parameters and cache layout
+def split_block_params(params, depth: int):
+    """(params without `blocks_*`, blocks stacked on a leading axis of size depth).
+
+    Call it once, outside jit: the stack is a copy of the block weights.
+    Works on arrays and on `jax.ShapeDtypeStruct` trees (via `jax.eval_shape`).
+    """
+    missing = [f"blocks_{i}" for i in range(depth) if f"blocks_{i}" not in params]
+    if missing:
+        raise ConfigError(f"DiT params lack {', '.join(missing)}")
+    rest = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    blocks = [params[f"blocks_{i}"] for i in range(depth)]
+    leaves = jax.tree_util.tree_leaves(params)
+    if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
+        stacked = jax.eval_shape(lambda *bs: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *bs), *blocks)
+    else:
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
+    return rest, stacked
+
+
+def cast_floating(tree, dtype):
+    """Casts the floating leaves of a pytree (e.g. parameters to bfloat16)."""
+    def cast(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return jax.ShapeDtypeStruct(a.shape, dtype) if isinstance(a, jax.ShapeDtypeStruct) else a.astype(dtype)
+        return a
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def cache_from_tuple(cache):
+    """The static path's tuple of 2*depth (B, T, W) arrays -> one stacked (2*depth, B, T, W) array."""
+    return None if cache is None else jnp.stack(tuple(cache))
+
+
+def cache_to_tuple(cache):
+    """Stacked (2*depth, B, T, W) -> the tuple contract of `l2c_jax.models.cache`."""
+    return None if cache is None else tuple(cache[k] for k in range(cache.shape[0]))
+
+
+def _tokens(config: DiTConfig) -> int:
+    return (config.input_size // config.patch_size) ** 2
+
+
+# --------------------------------------------------------------------------- the scanned forward
+def scan_apply(config: DiTConfig, params, x, t, y, cache=None, mask=None, beta=None, dtype=jnp.float32,
+               unroll: int = 1):
+    """DiT forward with the blocks under `lax.scan` and each unit behind `lax.cond`.
+
+    params: {"rest": params without blocks_*, "blocks": stacked block params}
+      (see `split_block_params`).
+    cache: None (zeros: only valid when every unit computes), the stacked
+      (2*depth, B, T, W) array, or the static path's tuple.
+    mask: None (compute all, no conditionals) or a (2*depth,) bool array,
+      traced or not: True = compute, False = reuse the cached output.
+    beta: None or (2*depth,) weights: computed units become
+      beta*computed + (1-beta)*cached (router training).
+    Returns (out NHWC float32 with out_channels, stacked cache (2*depth, B, T, W) in `dtype`).
+    """
+    cfg = config
+    rest, blocks = params["rest"], params["blocks"]
+    hidden, p, depth = cfg.hidden_size, cfg.patch_size, cfg.depth
+    x = jnp.asarray(x).astype(dtype)
+    b, hh, ww, _ = x.shape
+
+    tokens = PatchEmbed(hidden, p, dtype=dtype).apply({"params": rest["x_embedder"]}, x)
+    tokens = tokens + rest["pos_embed"].astype(dtype)
+    temb = TimestepEmbedder(hidden, dtype=dtype).apply({"params": rest["t_embedder"]}, t)
+    rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
+    yemb = LabelEmbedder(rows, hidden, dtype=dtype).apply({"params": rest["y_embedder"]}, y)
+    c = temb + yemb
+    n = tokens.shape[1]
+
+    if isinstance(cache, (tuple, list)):
+        cache = cache_from_tuple(cache)
+    if cache is None:
+        if beta is not None:
+            raise ConfigError("beta interpolates with the cache, but no cache was given")
+        cache = jnp.zeros((2 * depth, b, n, hidden), dtype)
+    elif cache.shape != (2 * depth, b, n, hidden):
+        raise ConfigError(f"cache has shape {tuple(cache.shape)}, expected {(2 * depth, b, n, hidden)}")
+    cache = cache.astype(dtype).reshape(depth, 2, b, n, hidden)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        if mask.shape != (2 * depth,):
+            raise ConfigError(f"mask has shape {tuple(mask.shape)}, the model has {2 * depth} cacheable sub-layers")
+        mask = mask.reshape(depth, 2)
+    if beta is not None:
+        beta = jnp.asarray(beta).reshape(depth, 2)
+
+    attn_mod = Attention(hidden, cfg.num_heads, qkv_bias=True, dtype=dtype)
+    mlp_mod = Mlp(int(hidden * cfg.mlp_ratio), hidden, approximate_gelu=True, dtype=dtype)
+    ada_mod = nn.Dense(6 * hidden, dtype=dtype)
+
+    # adaLN of every block in one batched matmul: no per-block copy of its (large) weights.
+    mods = jax.vmap(lambda bp: ada_mod.apply({"params": bp}, nn.silu(c)))(blocks["adaLN_modulation_1"])
+
+    def unit(flag, compute, cached, bval):
+        def run(_):
+            out = compute().astype(dtype)
+            if bval is not None:
+                bb = bval.astype(dtype)
+                out = bb * out + (1 - bb) * cached
+            return out
+        if flag is None:
+            return run(None)
+        return jax.lax.cond(flag, run, lambda _: cached, None)
+
+    def block_params(name, i):
+        # Sliced inside the unit's branch: a skipped unit does not even copy its weights.
+        return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks[name])
+
+    def body(h, xs):
+        i, mod, m, cpair, bpair = xs
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        a = unit(None if m is None else m[0],
+                 lambda: attn_mod.apply({"params": block_params("attn", i)},
+                                        modulate(layer_norm(h, 1e-6), shift_msa, scale_msa)),
+                 cpair[0], None if bpair is None else bpair[0])
+        h = h + gate_msa[:, None] * a
+        f = unit(None if m is None else m[1],
+                 lambda: mlp_mod.apply({"params": block_params("mlp", i)},
+                                       modulate(layer_norm(h, 1e-6), shift_mlp, scale_mlp)),
+                 cpair[1], None if bpair is None else bpair[1])
+        h = h + gate_mlp[:, None] * f
+        return h, jnp.stack([a, f])
+
+    xs = (jnp.arange(depth), mods, mask, cache, beta)
+    tokens, new_cache = jax.lax.scan(body, tokens, xs, length=depth, unroll=unroll)
+
+    out = FinalLayer(hidden, p, cfg.out_channels, dtype=dtype).apply({"params": rest["final_layer"]}, tokens, c)
+    out = out.reshape(b, hh // p, ww // p, p, p, cfg.out_channels)
+    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, cfg.out_channels)
+    return out.astype(jnp.float32), new_cache.reshape(2 * depth, b, n, hidden)
+
+
+class ScanModel:
+    """A `Model` look-alike whose `apply` is `scan_apply`; `params` = {"rest", "blocks"}.
+
+    It lends `Model.apply_cfg` (the original's `forward_with_cfg`) unchanged, so
+    the sampler code of `l2c_jax.sampling.dit` runs on it as on a `Model`.
+    The traced mask travels inside the params bundle (key "mask"), which keeps
+    the sampler's static `mask` argument None: one graph for all steps.
+    """
+
+    family = "dit"
+
+    def __init__(self, model, dtype=None, unroll: int = 1, cast_params: bool = False):
+        if model.family != "dit":
+            raise ConfigError(f"the scan strategy runs DiT models, got {model.family}")
+        self.config = model.config
+        self.dtype = jnp.dtype(dtype or model.dtype)
+        self.unroll = int(unroll)
+        rest, blocks = split_block_params(model.params, self.config.depth)
+        if cast_params:
+            rest, blocks = cast_floating(rest, self.dtype), cast_floating(blocks, self.dtype)
+        self.params = {"rest": rest, "blocks": blocks}
+
+    @property
+    def num_units(self) -> int:
+        return self.config.num_units
+
+    def apply(self, params, x, t, y=None, cache=None, mask=None, beta=None):
+        if mask is None:
+            mask = params.get("mask")
+        return scan_apply(self.config, params, x, t, y, cache, mask, beta, dtype=self.dtype, unroll=self.unroll)
+
+    def apply_cfg(self, params, x, t, y, cfg_scale, cache=None, mask=None, beta=None, guidance_channels=3):
+        from l2c_jax.model import Model
+        return Model.apply_cfg(self, params, x, t, y, cfg_scale, cache, mask, beta, guidance_channels)
+
+
+# --------------------------------------------------------------------------- samplers
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+class _AOTMixin:
+    """Ahead-of-time compilation of every step graph a schedule needs, in parallel.
+
+    `compile(batch, masks)` lowers and compiles each distinct step signature
+    from a thread pool (XLA compiles release the GIL) and keeps the
+    executables; sampling then never compiles. Without `compile`, steps jit
+    on first use as in `DiTSampler`.
+    """
+
+    def _aot_init(self):
+        self._aot = {}
+        self.compile_stats = {}
+
+    def _step_keys(self, masks) -> list:
+        raise NotImplementedError
+
+    def _lower(self, key, batch: int):
+        raise NotImplementedError
+
+    def _batch_shapes(self, batch: int):
+        cfg = self.model.config
+        rows = batch * (2 if self.cfg_scale is not None else 1)
+        x = jax.ShapeDtypeStruct((rows, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+        y = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        return x, y
+
+    def step_keys(self, masks=None) -> list:
+        """The distinct compiled graphs sampling with `masks` runs, in first-use order."""
+        return self._step_keys(self.schedule(masks))
+
+    def compile(self, batch: int, masks=None, workers: Optional[int] = None) -> dict:
+        """Compiles every graph of the schedule for `batch` images; returns timing stats."""
+        keys = [k for k in self.step_keys(masks) if (k, batch) not in self._aot]
+        workers = max(1, int(workers or os.cpu_count() or 1))
+        t0 = time.perf_counter()
+        times = {}
+
+        def one(key):
+            s = time.perf_counter()
+            exe = self._lower(key, batch).compile()
+            times[key] = time.perf_counter() - s
+            return key, exe
+
+        if workers == 1 or len(keys) <= 1:
+            results = [one(k) for k in keys]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(keys))) as pool:
+                results = list(pool.map(one, keys))
+        for key, exe in results:
+            self._aot[(key, batch)] = exe
+        stats = dict(graphs=len(keys), wall_s=time.perf_counter() - t0, workers=workers,
+                     per_graph_s=sorted(times.values(), reverse=True))
+        self.compile_stats = stats
+        return stats
+
+    def _rows(self, x) -> int:
+        return int(x.shape[0]) // (2 if self.cfg_scale is not None else 1)
+
+
+class StaticDiTSampler(_AOTMixin, DiTSampler):
+    """`DiTSampler` (one graph per distinct mask) with ahead-of-time, parallel compilation."""
+
+    strategy = "static"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._aot_init()
+
+    def _step_keys(self, schedule) -> list:
+        keys, has_cache = [], False
+        for s, m in enumerate(schedule):
+            keep = s + 1 < len(schedule) and schedule[s + 1] is not None
+            key = (m, keep, has_cache)
+            if key not in keys:
+                keys.append(key)
+            has_cache = keep
+        return keys
+
+    def _lower(self, key, batch):
+        mask, keep, has_cache = key
+        x, y = self._batch_shapes(batch)
+        cache = None
+        if has_cache:
+            cfg = self.model.config
+            unit = jax.ShapeDtypeStruct((x.shape[0], _tokens(cfg), cfg.hidden_size), self.model.dtype)
+            cache = (unit,) * cfg.num_units
+        return super().step_fn(mask, keep).lower(_abstract(self.model.params), x, cache,
+                                                 jax.ShapeDtypeStruct((), jnp.int32), y, None)
+
+    def step_fn(self, mask, keep_cache: bool):
+        jitted = super().step_fn(mask, keep_cache)
+
+        def run(params, x, cache, i, y, noise):
+            exe = self._aot.get(((mask, keep_cache, cache is not None), self._rows(x)))
+            if exe is not None and noise is None:
+                return exe(params, x, cache, i, y, None)
+            return jitted(params, x, cache, i, y, noise)
+
+        return run
+
+
+class ScanDiTSampler(_AOTMixin, DiTSampler):
+    """Compile-once sampling: `DiTSampler`'s loop over one scanned graph with a traced mask.
+
+    Same call as `DiTSampler.__call__(noise, y, masks=None, key=None, progress=False)`.
+    dtype: computation dtype (default the model's); cast_params stores the
+    stacked weights in that dtype (halves their memory for bfloat16).
+    The stacked weights are a second copy of the block parameters.
+    """
+
+    strategy = "scan"
+
+    def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
+                 eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
+                 noise_schedule: str = "linear", dtype=None, unroll: int = 1, cast_params: bool = False):
+        super().__init__(ScanModel(model, dtype=dtype, unroll=unroll, cast_params=cast_params), steps, solver,
+                         cfg_scale, eta, respacing, guidance_channels, noise_schedule)
+        self._aot_init()
+        self._mask_arrays = {}
+
+    def _mask_array(self, mask):
+        if mask not in self._mask_arrays:
+            n = self.model.num_units
+            self._mask_arrays[mask] = jnp.asarray(np.ones(n, bool) if mask is None else np.asarray(mask, bool))
+        return self._mask_arrays[mask]
+
+    def _step_keys(self, schedule) -> list:
+        keys = ["scan"]
+        if any(m is None for m in schedule) and self.solver == "ddpm":
+            pass  # ddpm draws noise: the same single graph takes it as an argument
+        return keys
+
+    def _cache_shape(self, rows: int):
+        cfg = self.model.config
+        return (cfg.num_units, rows, _tokens(cfg), cfg.hidden_size)
+
+    def _bundle_abstract(self):
+        n = self.model.num_units
+        return dict(_abstract(self.model.params), mask=jax.ShapeDtypeStruct((n,), jnp.bool_))
+
+    def _lower(self, key, batch):
+        x, y = self._batch_shapes(batch)
+        cache = jax.ShapeDtypeStruct(self._cache_shape(x.shape[0]), self.model.dtype)
+        return DiTSampler.step_fn(self, None, True).lower(self._bundle_abstract(), x, cache,
+                                                         jax.ShapeDtypeStruct((), jnp.int32), y, None)
+
+    def step_fn(self, mask, keep_cache: bool):
+        # One graph for every mask; the cache is always carried (the next step may reuse it).
+        jitted = DiTSampler.step_fn(self, None, True)
+        marr = self._mask_array(mask)
+
+        def run(params, x, cache, i, y, noise):
+            if cache is None:
+                cache = jnp.zeros(self._cache_shape(x.shape[0]), self.model.dtype)
+            bundle = dict(params, mask=marr)
+            exe = self._aot.get(("scan", self._rows(x)))
+            if exe is not None and noise is None:
+                return exe(bundle, x, cache, i, y, None)
+            return jitted(bundle, x, cache, i, y, noise)
+
+        return run
+
+
+def make_sampler(model, steps: int, strategy: str = "static", **kw):
+    """`StaticDiTSampler` or `ScanDiTSampler` (both accept DiTSampler's arguments)."""
+    if strategy == "static":
+        kw.pop("unroll", None), kw.pop("cast_params", None), kw.pop("dtype", None)
+        return StaticDiTSampler(model, steps, **kw)
+    if strategy == "scan":
+        return ScanDiTSampler(model, steps, **kw)
+    raise ConfigError(f"unknown execution strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+
+
+def default_strategy(backend: Optional[str] = None) -> str:
+    """The strategy BENCHMARKS.md measured best for a backend: "scan" on CPU, "static" elsewhere."""
+    backend = backend or jax.default_backend()
+    return "scan" if backend == "cpu" else "static"
