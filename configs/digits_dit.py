@@ -15,6 +15,6 @@ def get_config(arg=None):
         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True))))
     c.data = ml_collections.ConfigDict(dict(tfds_name="sklearn_digits", image_size=8, flip=False))
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=128, steps=12_000, lr=1e-3, weight_decay=0.0, grad_clip=1.0, ema_decay=0.999,
+        batch_size=64, steps=6_000, lr=1e-3, weight_decay=0.0, grad_clip=1.0, ema_decay=0.999,
         label_dropout=0.1, log_every=500, checkpoint_every=2_000))
     return c

@@ -1,7 +1,8 @@
 """End-to-end jobs behind the scripts: `run_sampling(config, workdir)`.
 
-Loads the converted model, router and VAE named by the config, samples the
-requested labels in batches (data-parallel over local devices), decodes,
+Loads the converted model (DiT with DDIM/DDPM, or U-ViT with DPM-Solver),
+router and VAE named by the config, samples the requested labels (none for
+an unconditional U-ViT) in batches (data-parallel over local devices), decodes,
 writes a PNG grid and optionally the ADM evaluator's npz, and reports the
 latency per batch and the schedule's share of computed sub-layers.
 """
@@ -74,20 +75,56 @@ def _data_sharding(batch: int):
     return NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
 
 
-def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
+def _make_sampler(model, router, config):
+    """(sampler, masks or None, computed share, what it runs, what the share is of) for the model's family.
+
+    One sampler serves every batch, so its compiled programs are reused.
+    """
     from l2c_jax.sampling import DiTSampler, computed_share, router_masks
 
-    model, router, vae = load_for_sampling(config)
-    if model.family != "dit":
-        raise ConfigError(f"scripts/sample.py samples DiT models here; got {model.family}")
     sc = config.sampler
-    sampler = DiTSampler(model, sc.steps, sc.get("name", "ddim"), sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
-                         guidance_channels=sc.get("guidance_channels", 3))
-    masks = router_masks(model, router, config.router.get("threshold"), sampler.steps) if router else None
-    share = computed_share(masks, sampler.steps, model.num_units)
+    thr = config.router.get("threshold") if config.get("router") is not None else None
+    if model.family == "dit":
+        sampler = DiTSampler(model, sc.steps, sc.get("name", "ddim"), sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
+                             guidance_channels=sc.get("guidance_channels", 3))
+        masks = router_masks(model, router, thr, sampler.steps) if router else None
+        share = computed_share(masks, sampler.steps, model.num_units)
+        what = f"{sampler.steps} {sampler.solver.upper()} steps"
+        return sampler, masks, share, what, f"{sampler.steps} x {model.num_units}"
+    if model.family == "uvit":
+        from l2c_jax.sampling.uvit import UViTSampler
+
+        name = sc.get("name", "dpm_solver2")
+        sampler = UViTSampler(model, int(sc.steps), cfg_scale=sc.get("cfg_scale"), solver=name,
+                              skip_type=sc.get("skip_type", "time_uniform"), batch_cfg=sc.get("batch_cfg", True))
+        # The router has NFE rows; its masks cover the first evaluation of each solver step.
+        masks = router_masks(model, router, thr, sampler.nfe) if router else None
+        if masks is not None and masks.shape[0] != sampler.num_steps:
+            raise ConfigError(f"the router's masks cover {masks.shape[0]} solver steps, {name} with NFE "
+                              f"{sampler.nfe} takes {sampler.num_steps}; uvit-dpm2 routers are for dpm_solver2")
+        # Share over every model evaluation: the masked first evaluations, all others full.
+        evals = sampler.nfe * model.num_units
+        cached = 0 if masks is None else int((~np.asarray(masks, bool)).sum())
+        share = 1.0 - cached / evals
+        what = f"NFE {sampler.nfe} {name.upper()} ({sampler.num_steps} steps)"
+        return sampler, masks, share, what, f"{sampler.nfe} evaluations x {model.num_units}"
+    raise ConfigError(f"scripts/sample.py has no sampler for the {model.family} family")
+
+
+def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
+    model, router, vae = load_for_sampling(config)
+    sampler, masks, share, what, of_what = _make_sampler(model, router, config)
 
     cfg = model.config
-    labels = _labels(config, cfg.num_classes)
+    if model.family == "uvit" and not cfg.conditional:
+        n = int(config.get("num_samples") or len(config.get("labels") or ()))
+        if n <= 0:
+            raise ConfigError("set num_samples (this U-ViT is unconditional: labels are ignored)")
+        labels = None
+    else:
+        num_classes = cfg.num_classes - 1 if model.family == "uvit" else cfg.num_classes  # U-ViT: last row = null
+        labels = _labels(config, num_classes)
+        n = len(labels)
     bs = int(config.batch_size)
     rng = jax.random.key(config.seed)
     shard = _data_sharding(bs)
@@ -95,21 +132,26 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
     os.makedirs(workdir, exist_ok=True)
 
     outs, times = [], []
-    n_batches = -(-len(labels) // bs)
+    n_batches = -(-n // bs)
     from tqdm.auto import tqdm
 
     for b in tqdm(range(n_batches), desc="batches", disable=n_batches < 2):
-        y = labels[b * bs:(b + 1) * bs]
+        count = min(bs, n - b * bs)
         rng, k_noise, k_step = jax.random.split(rng, 3)
         noise = jax.random.normal(k_noise, (bs, cfg.input_size, cfg.input_size, cfg.in_channels))
-        yb = np.resize(y, bs)  # pad the last batch so every batch compiles to one shape
+        # pad the last batch so every batch compiles to one shape
+        yb = None if labels is None else np.resize(labels[b * bs:(b + 1) * bs], bs)
         if shard is not None:
             noise = jax.device_put(noise, shard)
-        key = k_step if (sampler.solver == "ddpm" or sampler.eta > 0) else None
+        if model.family == "dit":
+            key = k_step if (sampler.solver == "ddpm" or sampler.eta > 0) else None
+            run = lambda: sampler(noise, yb, masks, key=key)  # noqa: E731
+        else:
+            run = lambda: sampler(noise, yb, masks=masks)  # noqa: E731
         runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
         for r in range(runs):
             t0 = time.perf_counter()
-            lat = sampler(noise, yb, masks, key=key)
+            lat = run()
             lat.block_until_ready()
             dt = time.perf_counter() - t0
             if not (b == 0 and r == 0 and runs > 1):  # the very first run includes compilation
@@ -118,7 +160,7 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
             imgs = vae.decode(lat / config.vae.get("scale", 0.18215))
         else:
             imgs = lat
-        outs.append(imio.to_uint8(np.asarray(imgs))[: len(y)])
+        outs.append(imio.to_uint8(np.asarray(imgs))[:count])
     images = np.concatenate(outs)
 
     grid_path = os.path.join(workdir, config.get("grid", "samples.png"))
@@ -130,13 +172,14 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
         imio.save_npz(npz_path, images)
 
     t = np.asarray(times)
+    steps = sampler.steps if model.family == "dit" else sampler.nfe
     result = dict(latency_mean=float(t.mean()), latency_std=float(t.std()), computed_share=share,
                   num_images=int(len(images)), grid=grid_path, npz=npz_path, batch_size=bs,
-                  steps=sampler.steps, router=bool(router))
-    report(f"sampled {len(images)} images, {sampler.steps} {sampler.solver.upper()} steps"
-           f"{' + L2C' if router else ''}, batch {bs}: {t.mean():.3f}±{t.std():.3f} s per batch "
+                  steps=steps, router=bool(router))
+    report(f"sampled {len(images)} images, {what}{' + L2C' if router else ''}, batch {bs}: "
+           f"{t.mean():.3f}±{t.std():.3f} s per batch "
            f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
-    report(f"sub-layers computed: {share * 100:.2f}% of {sampler.steps} x {model.num_units}")
+    report(f"sub-layers computed: {share * 100:.2f}% of {of_what}")
     report(f"wrote {grid_path}" + (f" and {npz_path}" if npz_path else ""))
     return result
 

@@ -1,6 +1,8 @@
-"""Sample images with a DiT, with or without the learned cache.
+"""Sample images with a DiT or U-ViT, with or without the learned cache.
 
   python scripts/sample.py --config configs/dit_xl2_256_ddim20_l2c.py [--config.KEY=VALUE ...] [--workdir DIR]
+  python scripts/sample.py --config configs/uvit_h2_256_nfe20_l2c.py
+  python scripts/sample.py --config configs/digits.py        # shipped model: full vs L2C side by side
 """
 
 import os

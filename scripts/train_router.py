@@ -2,6 +2,8 @@
 
   python scripts/train_router.py --config configs/router_dit_xl2_256_ddim20.py --workdir runs/ddim20 \
       --config.data.image_folder=/data/imagenet/train
+  python scripts/train_router.py --config configs/router_uvit_h2_dpm20.py --workdir runs/dpm20 \
+      --config.data.image_folder=/data/imagenet/train
 
 Rerunning the same command resumes from the latest checkpoint in WORKDIR.
 """

@@ -9,14 +9,28 @@ which fills the cache, then at `t_index-1` compare the full model output with
 the router-interpolated one (`beta*computed + (1-beta)*cached`, beta =
 sigmoid(prob[t_index-1])): per-sample mean squared error over all channels,
 plus `l1_weight * sum(beta)` of that row.
+
+U-ViT + DPM-Solver-2 (the original's `LRouter` in
+`U-ViT/train_router_discrete.py`): a random solver step k in
+[0, steps - 2], noise x0 to the DISCRETE time n_k = round(1000 t_k) of its
+start, take one full DPM-Solver-2 step (no guidance, the model at continuous
+time x 1000) to t_{k+1}; its midpoint evaluation fills the cache. Then at
+t_{k+1}, with the model given the INTEGER timestep round(1000 t_{k+1}),
+compare the full output with the interpolated one using router row k+1:
+per-sample SUM of squares over all latent elements, plus
+`l1_weight * sum(beta)` of that row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from l2c_jax.errors import ConfigError
 
 
 def router_weights(prob_row, ste_threshold: Optional[float] = None):
@@ -67,3 +81,99 @@ def dit_random_batch(key, x0, y, *, steps: int, null_class: int, label_dropout: 
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     drop = jax.random.uniform(k_drop, y.shape) < label_dropout
     return dict(x0=x0, y=jnp.where(drop, null_class, y), noise=noise, t_index=t_index.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# U-ViT + DPM-Solver-2
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UViTLossSchedule:
+    """The solver and the time tables of U-ViT router training (hashes by identity).
+
+    times: (steps + 1,) float32 continuous times t_0 = 1 > ... > t_steps of
+    the sampler (DPM-Solver-2 singlestep: steps = NFE // 2). timesteps:
+    round(N * times), the discrete timesteps (float32 arithmetic, as the
+    original's `np.round(timesteps * 1000)`). sqrt_ac / sqrt_1m_ac: float32
+    sqrt(alphas_cumprod[n]) and sqrt(1 - alphas_cumprod[n]) at those
+    timesteps (computed in float64, then rounded, as the original's `stp`).
+    """
+
+    solver: object
+    times: np.ndarray
+    timesteps: np.ndarray
+    sqrt_ac: np.ndarray
+    sqrt_1m_ac: np.ndarray
+
+    @classmethod
+    def create(cls, nfe: int, schedule=None, skip_type: str = "time_uniform") -> "UViTLossSchedule":
+        from l2c_jax.diffusion.dpm_solver import DPMSolver
+        from l2c_jax.diffusion.vp import DiscreteVPSchedule
+
+        nfe = int(nfe)
+        if nfe < 4 or nfe % 2:
+            raise ConfigError(f"U-ViT router training runs DPM-Solver-2 (2 evaluations per step) and needs at least "
+                              f"2 solver steps: NFE must be an even number >= 4, got {nfe}")
+        schedule = schedule if schedule is not None else DiscreteVPSchedule.stable_diffusion()
+        solver = DPMSolver(schedule, predict_x0=True, solver_type="dpm_solver")
+        plan = solver.plan(nfe, 2, "singlestep", skip_type)
+        times = np.array([st.s for st in plan] + [plan[-1].t], dtype=np.float32)
+        n = np.round(times * np.float32(schedule.total_N)).astype(np.int64)
+        ac = schedule.discrete_alphas_cumprod()  # float64, entry 0 = 1
+        return cls(solver, times, n.astype(np.int32), np.sqrt(ac[n]).astype(np.float32),
+                   np.sqrt(1.0 - ac[n]).astype(np.float32))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.times.shape[0]) - 1
+
+
+def uvit_router_loss(prob, params, batch, *, model, tables: UViTLossSchedule, l1_weight: float,
+                     ste_threshold: Optional[float] = None):
+    """Returns (loss, aux). batch: x0 (B,H,W,C) latents, y (B,) labels already dropped to the
+    null class where needed (None for an unconditional U-ViT), eps (B,H,W,C) noise, step ()
+    solver step k in [0, steps - 2]; the router row trained is k + 1."""
+    x0, y, eps, k = batch["x0"], batch.get("y"), batch["eps"], batch["step"]
+    b = x0.shape[0]
+    solver = tables.solver
+    times = jnp.asarray(tables.times)
+    x_t = jnp.asarray(tables.sqrt_ac)[k] * x0 + jnp.asarray(tables.sqrt_1m_ac)[k] * eps
+
+    # One full DPM-Solver-2 step without guidance; the midpoint (last) evaluation's cache is kept.
+    caches = {}
+
+    def model_fn(x, t, slot):
+        out, cache = model.apply(params, x, jnp.broadcast_to(solver.schedule.model_time(t), (b,)), y)
+        caches[slot] = cache
+        return out
+
+    x_next = solver.second_update(model_fn, x_t, times[k], times[k + 1])
+    cache = jax.lax.stop_gradient(caches[1])
+    x_next = jax.lax.stop_gradient(x_next)
+
+    t_next = jnp.broadcast_to(jnp.asarray(tables.timesteps)[k + 1].astype(jnp.float32), (b,))
+    target, _ = model.apply(params, x_next, t_next, y)
+    weights, scores = router_weights(prob[k + 1], ste_threshold)
+    pred, _ = model.apply(params, x_next, t_next, y, cache=cache, beta=weights)
+
+    sos = jnp.sum((jax.lax.stop_gradient(target) - pred) ** 2, axis=(1, 2, 3))
+    l1 = jnp.sum(scores)
+    data_loss = jnp.mean(sos)
+    loss = data_loss + l1_weight * l1
+    return loss, dict(data_loss=data_loss, l1=l1, sos=sos)
+
+
+def uvit_random_batch(key, x0, y, *, steps: int, null_class: Optional[int], label_dropout: float = 0.1):
+    """The original's random draws for one U-ViT loss: one solver step k uniform in
+    [0, steps - 2] for the whole batch (`np.random.randint(0, len(order) - 1)`), Gaussian
+    noise, and label dropout to the null class (the CFG dataset's p_uncond). `y` None or
+    `null_class` None: an unconditional model, no labels."""
+    k_step, k_noise, k_drop = jax.random.split(key, 3)
+    step = jax.random.randint(k_step, (), 0, steps - 1).astype(jnp.int32)
+    eps = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    if y is None or null_class is None:
+        y = None
+    else:
+        drop = jax.random.uniform(k_drop, y.shape) < label_dropout
+        y = jnp.where(drop, null_class, y)
+    return dict(x0=x0, y=y, eps=eps, step=step)

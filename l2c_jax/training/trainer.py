@@ -1,9 +1,17 @@
 """The router-training loop: `train_router(config, workdir)`.
 
 The model (and VAE) parameters are closed-over constants of the jitted step;
-optax only ever sees the router `prob` (steps, 2*blocks), and the parameters
-are clamped to [-5, 5] after each AdamW step as in the original. The batch is
-split over a 1-D `data` mesh of all local devices, the rest replicated.
+optax only ever sees the router `prob` (rows, 2*blocks). The batch is split
+over a 1-D `data` mesh of all local devices, the rest replicated.
+
+Two objectives, by `model.family` (see `l2c_jax.training.losses`):
+- "dit": DDIM, a "dit-ddim" router with one row per DDIM step; the
+  parameters are clamped to [-5, 5] after each AdamW step as in the
+  original DiT script (`train.clamp`, default 5.0).
+- "uvit": DPM-Solver-2, a "uvit-dpm2" router with NFE rows (the released
+  dpm20 / dpm50 layout) of which rows 1..NFE//2-1 train; the original U-ViT
+  script does not clamp (its released routers reach |prob| ~ 18), so the
+  U-ViT configs set `train.clamp=None`.
 
 Checkpoints (orbax CheckpointManager in WORKDIR/checkpoints) hold the router,
 the optimizer state, the step and the data position; a restarted run resumes
@@ -63,16 +71,37 @@ def make_mesh():
 
 
 def build_step(model, vae, config, diffusion, tx):
-    """The jitted training step (state, batch, step) -> (state, metrics)."""
-    from l2c_jax.training.losses import dit_random_batch, dit_router_loss
+    """The jitted training step (state, batch, params) -> (state, metrics).
+
+    `diffusion`: the DiT's `GaussianDiffusion` (respaced to the DDIM steps),
+    or for a U-ViT the `UViTLossSchedule` of its DPM-Solver-2 steps.
+    """
+    from l2c_jax.training.losses import dit_random_batch, dit_router_loss, uvit_random_batch, uvit_router_loss
 
     tc = config.train
     scale = float(config.vae.get("scale", 0.18215)) if vae is not None else 1.0
     base_key = jax.random.key(config.seed)
-    if model.family != "dit":
+    ste = tc.get("ste_threshold")
+    dropout = float(tc.get("label_dropout", 0.1))
+    if model.family == "dit":
+        loss_fn = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=float(tc.l1),
+                                    ste_threshold=ste)
+
+        def draw(key, x0, y):
+            return dit_random_batch(key, x0, y, steps=diffusion.num_timesteps, null_class=model.config.null_class,
+                                    label_dropout=dropout)
+    elif model.family == "uvit":
+        loss_fn = functools.partial(uvit_router_loss, model=model, tables=diffusion, l1_weight=float(tc.l1),
+                                    ste_threshold=ste)
+        conditional = model.config.conditional
+
+        def draw(key, x0, y):
+            return uvit_random_batch(key, x0, y if conditional else None, steps=diffusion.num_steps,
+                                     null_class=model.config.null_class, label_dropout=dropout)
+    else:
         raise ConfigError(f"router training for the {model.family} family is not wired in yet")
-    loss_fn = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=float(tc.l1),
-                                ste_threshold=tc.get("ste_threshold"))
+    clamp = tc.get("clamp", 5.0)
+    clamp = None if clamp is None else float(clamp)
 
     def latents(batch, key):
         if "moments" in batch:
@@ -81,21 +110,49 @@ def build_step(model, vae, config, diffusion, tx):
             mean, logvar = vae.apply_encode(vae.params, batch["images"])
         else:  # a pixel-space model trains on the images themselves
             return batch["images"]
+        logvar = jnp.clip(logvar, -30.0, 20.0)  # as both originals' posterior sampling
         return (mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)) * scale
 
     def step(state, batch, params):
         key = jax.random.fold_in(base_key, state["step"])
         k_post, k_draw = jax.random.split(key)
         x0 = latents(batch, k_post)
-        b = dit_random_batch(k_draw, x0, batch["y"], steps=diffusion.num_timesteps,
-                             null_class=model.config.null_class, label_dropout=tc.get("label_dropout", 0.1))
+        b = draw(k_draw, x0, batch["y"])
         (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(state["prob"], params, b)
         updates, opt_state = tx.update(grad, state["opt_state"], state["prob"])
-        prob = jnp.clip(optax.apply_updates(state["prob"], updates), -5.0, 5.0)
+        prob = optax.apply_updates(state["prob"], updates)
+        if clamp is not None:
+            prob = jnp.clip(prob, -clamp, clamp)
         metrics = dict(loss=loss, data_loss=aux["data_loss"], l1_term=float(tc.l1) * aux["l1"])
         return dict(prob=prob, opt_state=opt_state, step=state["step"] + 1), metrics
 
     return jax.jit(step, donate_argnums=(0,))
+
+
+def training_setup(model, config):
+    """(objective tables for `build_step`, router kind, router rows, heat-map rows) for the model's family."""
+    from l2c_jax.router import Router
+
+    steps = int(config.sampler.steps)
+    if model.family == "dit":
+        from l2c_jax.diffusion import create_diffusion
+
+        if steps % 2:
+            raise ConfigError(f"sampler.steps must be even for DiT caching (full and cache steps alternate), "
+                              f"got {steps}")
+        diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+        return diffusion, "dit-ddim", steps, np.arange(steps - 2, -1, -2)  # cache steps' rows, sampling order
+    if model.family == "uvit":
+        from l2c_jax.training.losses import UViTLossSchedule
+
+        name = config.sampler.get("name", "dpm_solver2")
+        if name != "dpm_solver2":
+            raise ConfigError(f"U-ViT router training runs singlestep DPM-Solver-2 as the original does; "
+                              f"sampler.name must be 'dpm_solver2', got {name!r}")
+        tables = UViTLossSchedule.create(steps, skip_type=config.sampler.get("skip_type", "time_uniform"))
+        rows = Router(np.zeros((steps, model.num_units), np.float32), "uvit-dpm2").cache_rows()
+        return tables, "uvit-dpm2", steps, np.asarray(rows)  # NFE rows; rows 1..NFE//2-1 train
+    raise ConfigError(f"router training for the {model.family} family is not wired in yet")
 
 
 def router_heatmap(prob: np.ndarray, rows: np.ndarray, upscale: int = 8) -> np.ndarray:
@@ -112,7 +169,6 @@ def train_router(config, workdir: str, report=print) -> dict:
     from clu import metric_writers, periodic_actions
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from l2c_jax.diffusion import create_diffusion
     from l2c_jax.images import save_png
     from l2c_jax.router import Router, save_router
     from l2c_jax.training.data import Batches, make_source
@@ -124,12 +180,8 @@ def train_router(config, workdir: str, report=print) -> dict:
 
     model = _load_model(config)
     vae = _load_vae(config)
-    steps = int(config.sampler.steps)
-    if steps % 2:
-        raise ConfigError(f"sampler.steps must be even for DiT caching (full and cache steps alternate), got {steps}")
-    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+    diffusion, kind, steps, cache_rows = training_setup(model, config)
     num_units = model.num_units
-    kind = "dit-ddim"
 
     mesh = make_mesh()
     n_dev = mesh.devices.size
@@ -166,7 +218,6 @@ def train_router(config, workdir: str, report=print) -> dict:
     total = int(tc.steps)
     progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     thr = float(config.router.get("threshold", 0.5))
-    cache_rows = np.arange(steps - 2, -1, -2)  # rows the cache steps use, sampling order
     log_every, ckpt_every = int(tc.log_every), int(tc.checkpoint_every)
 
     def save(step_state, data_state):
