@@ -50,3 +50,12 @@ def test_shipped_router_computes_less_at_nearly_the_same_fid(steps):
     assert full["fid"] < 10.0                      # the model learned digits
     assert l2c["fid"] < full["fid"] + 1.0          # the stated margin
     assert l2c["psnr_to_full"] > fewer["psnr_to_full"]  # closer to full than plain DDIM at its latency
+
+
+def test_shipped_ddim50_router_matches_the_shipped_model():
+    from l2c_jax import load_model, load_router
+    model = load_model(os.path.join(ASSETS, "dit"))
+    router = load_router(os.path.join(ASSETS, "router_ddim50.safetensors"))
+    assert (router.kind, router.steps, router.num_units) == ("dit-ddim", 50, model.num_units)
+    masks = router.masks(0.5)
+    assert masks[0::2].all() and 0.3 < masks.mean() < 0.9
