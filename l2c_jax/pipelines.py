@@ -80,14 +80,22 @@ def _make_sampler(model, router, config):
 
     One sampler serves every batch, so its compiled programs are reused.
     """
-    from l2c_jax.sampling import DiTSampler, computed_share, router_masks
+    from l2c_jax.sampling import computed_share, router_masks
 
     sc = config.sampler
     thr = config.router.get("threshold") if config.get("router") is not None else None
     if model.family == "dit":
-        sampler = DiTSampler(model, sc.steps, sc.get("name", "ddim"), sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
-                             guidance_channels=sc.get("guidance_channels", 3))
+        from l2c_jax.models.dit_scan import default_strategy, enable_compilation_cache, make_sampler
+
+        cd = config.get("compilation_cache_dir", "default")
+        enable_compilation_cache(None if cd == "default" else ("" if cd == "off" else cd))
+        strategy = config.get("strategy", "auto")
+        sampler = make_sampler(model, sc.steps, default_strategy() if strategy == "auto" else strategy,
+                               solver=sc.get("name", "ddim"), cfg_scale=sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
+                               guidance_channels=sc.get("guidance_channels", 3))
         masks = router_masks(model, router, thr, sampler.steps) if router else None
+        if len(jax.local_devices()) == 1:  # every graph of the schedule, compiled ahead and in parallel
+            sampler.compile(int(config.batch_size), masks)
         share = computed_share(masks, sampler.steps, model.num_units)
         what = f"{sampler.steps} {sampler.solver.upper()} steps"
         return sampler, masks, share, what, f"{sampler.steps} x {model.num_units}"

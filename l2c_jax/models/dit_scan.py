@@ -45,7 +45,7 @@ from l2c_jax.models.dit import DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed,
 from l2c_jax.models.layers import Attention, Mlp, layer_norm
 from l2c_jax.sampling.dit import DiTSampler
 
-STRATEGIES = ("static", "scan")
+STRATEGIES = ("static", "scan", "cond")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "l2c_jax", "xla")
 
 
@@ -78,10 +78,15 @@ def enable_compilation_cache(cache_dir: Optional[str] = None) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- parameters and cache layout
-def split_block_params(params, depth: int):
-    """(params without `blocks_*`, blocks stacked on a leading axis of size depth).
+def split_block_params(params, depth: int, stack: bool = True):
+    """(params without `blocks_*`, the blocks' params stacked for the scan).
 
-    Call it once, outside jit: the stack is a copy of the block weights.
+    The attention and MLP weights are stacked on a leading axis of size depth
+    (`blocks["attn"]`, `blocks["mlp"]`). The adaLN weights of all blocks are
+    concatenated along their output axis instead (`kernel` (width, depth*6*width),
+    `bias` (depth*6*width,)), so every block's modulation comes from one plain
+    matmul outside the loop, without slicing or transposing a weight copy.
+    Call it once, outside jit: the result is a copy of the block weights.
     Works on arrays and on `jax.ShapeDtypeStruct` trees (via `jax.eval_shape`).
     """
     missing = [f"blocks_{i}" for i in range(depth) if f"blocks_{i}" not in params]
@@ -89,12 +94,25 @@ def split_block_params(params, depth: int):
         raise ConfigError(f"DiT params lack {', '.join(missing)}")
     rest = {k: v for k, v in params.items() if not k.startswith("blocks_")}
     blocks = [params[f"blocks_{i}"] for i in range(depth)]
+
+    def build(*bs):
+        if stack:
+            out = {name: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[b[name] for b in bs])
+                   for name in bs[0] if name != "adaLN_modulation_1"}
+        else:
+            out = {name: [b[name] for b in bs] for name in bs[0] if name != "adaLN_modulation_1"}
+        ada = [b["adaLN_modulation_1"] for b in bs]
+        out["adaLN_modulation_1"] = dict(kernel=jnp.concatenate([a["kernel"] for a in ada], axis=-1),
+                                         bias=jnp.concatenate([a["bias"] for a in ada], axis=-1))
+        return out
+
     leaves = jax.tree_util.tree_leaves(params)
     if leaves and isinstance(leaves[0], jax.ShapeDtypeStruct):
-        stacked = jax.eval_shape(lambda *bs: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *bs), *blocks)
-    else:
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
-    return rest, stacked
+        return rest, jax.eval_shape(build, *blocks)
+    if stack:
+        return rest, jax.jit(build)(*blocks)
+    out = build(*blocks)  # lists of the blocks' own arrays + the concatenated adaLN
+    return rest, out
 
 
 def cast_floating(tree, dtype):
@@ -168,10 +186,9 @@ def scan_apply(config: DiTConfig, params, x, t, y, cache=None, mask=None, beta=N
 
     attn_mod = Attention(hidden, cfg.num_heads, qkv_bias=True, dtype=dtype)
     mlp_mod = Mlp(int(hidden * cfg.mlp_ratio), hidden, approximate_gelu=True, dtype=dtype)
-    ada_mod = nn.Dense(6 * hidden, dtype=dtype)
-
-    # adaLN of every block in one batched matmul: no per-block copy of its (large) weights.
-    mods = jax.vmap(lambda bp: ada_mod.apply({"params": bp}, nn.silu(c)))(blocks["adaLN_modulation_1"])
+    # adaLN of every block in one matmul (weights concatenated by `split_block_params`).
+    mods = nn.Dense(depth * 6 * hidden, dtype=dtype).apply({"params": blocks["adaLN_modulation_1"]}, nn.silu(c))
+    mods = mods.reshape(b, depth, 6 * hidden).transpose(1, 0, 2)
 
     def unit(flag, compute, cached, bval):
         def run(_):
@@ -184,7 +201,11 @@ def scan_apply(config: DiTConfig, params, x, t, y, cache=None, mask=None, beta=N
             return run(None)
         return jax.lax.cond(flag, run, lambda _: cached, None)
 
+    unrolled = isinstance(blocks["attn"], (list, tuple))
+
     def block_params(name, i):
+        if unrolled:  # the block's own arrays: no copy at all
+            return blocks[name][i]
         # Sliced inside the unit's branch: a skipped unit does not even copy its weights.
         return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks[name])
 
@@ -204,7 +225,16 @@ def scan_apply(config: DiTConfig, params, x, t, y, cache=None, mask=None, beta=N
         return h, jnp.stack([a, f])
 
     xs = (jnp.arange(depth), mods, mask, cache, beta)
-    tokens, new_cache = jax.lax.scan(body, tokens, xs, length=depth, unroll=unroll)
+    if unrolled:
+        # "cond" layout: a Python loop over the blocks, each unit still behind lax.cond on the
+        # traced mask, so one graph serves every schedule; the weights are used in place.
+        ys = []
+        for i in range(depth):
+            tokens, y_i = body(tokens, (i,) + jax.tree_util.tree_map(lambda a: a[i], (mods, mask, cache, beta)))
+            ys.append(y_i)
+        new_cache = jnp.stack(ys)
+    else:
+        tokens, new_cache = jax.lax.scan(body, tokens, xs, length=depth, unroll=unroll)
 
     out = FinalLayer(hidden, p, cfg.out_channels, dtype=dtype).apply({"params": rest["final_layer"]}, tokens, c)
     out = out.reshape(b, hh // p, ww // p, p, p, cfg.out_channels)
@@ -223,13 +253,13 @@ class ScanModel:
 
     family = "dit"
 
-    def __init__(self, model, dtype=None, unroll: int = 1, cast_params: bool = False):
+    def __init__(self, model, dtype=None, unroll: int = 1, cast_params: bool = False, stacked: bool = True):
         if model.family != "dit":
             raise ConfigError(f"the scan strategy runs DiT models, got {model.family}")
         self.config = model.config
         self.dtype = jnp.dtype(dtype or model.dtype)
         self.unroll = int(unroll)
-        rest, blocks = split_block_params(model.params, self.config.depth)
+        rest, blocks = split_block_params(model.params, self.config.depth, stack=stacked)
         if cast_params:
             rest, blocks = cast_floating(rest, self.dtype), cast_floating(blocks, self.dtype)
         self.params = {"rest": rest, "blocks": blocks}
@@ -290,9 +320,13 @@ class _AOTMixin:
         t0 = time.perf_counter()
         times = {}
 
+        lower_times = {}
+
         def one(key):
             s = time.perf_counter()
-            exe = self._lower(key, batch).compile()
+            lowered = self._lower(key, batch)  # tracing + lowering (Python, holds the GIL)
+            lower_times[key] = time.perf_counter() - s
+            exe = lowered.compile()  # XLA, or a persistent-cache hit (releases the GIL)
             times[key] = time.perf_counter() - s
             return key, exe
 
@@ -304,7 +338,7 @@ class _AOTMixin:
         for key, exe in results:
             self._aot[(key, batch)] = exe
         stats = dict(graphs=len(keys), wall_s=time.perf_counter() - t0, workers=workers,
-                     per_graph_s=sorted(times.values(), reverse=True))
+                     per_graph_s=sorted(times.values(), reverse=True), trace_lower_s=sum(lower_times.values()))
         self.compile_stats = stats
         return stats
 
@@ -355,21 +389,25 @@ class StaticDiTSampler(_AOTMixin, DiTSampler):
 
 
 class ScanDiTSampler(_AOTMixin, DiTSampler):
-    """Compile-once sampling: `DiTSampler`'s loop over one scanned graph with a traced mask.
+    """Compile-once sampling: `DiTSampler`'s loop over one graph with a traced mask.
 
     Same call as `DiTSampler.__call__(noise, y, masks=None, key=None, progress=False)`.
+    stacked=True ("scan"): blocks under `lax.scan` over stacked weights (the
+    smallest graph; a computed unit copies its weight slice). stacked=False
+    ("cond"): the blocks unrolled, each unit still behind `lax.cond`, weights
+    used in place (the static path's speed, one graph of the static full size).
     dtype: computation dtype (default the model's); cast_params stores the
     stacked weights in that dtype (halves their memory for bfloat16).
     The stacked weights are a second copy of the block parameters.
     """
 
-    strategy = "scan"
-
     def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
                  eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
-                 noise_schedule: str = "linear", dtype=None, unroll: int = 1, cast_params: bool = False):
-        super().__init__(ScanModel(model, dtype=dtype, unroll=unroll, cast_params=cast_params), steps, solver,
-                         cfg_scale, eta, respacing, guidance_channels, noise_schedule)
+                 noise_schedule: str = "linear", dtype=None, unroll: int = 1, cast_params: bool = False,
+                 stacked: bool = True):
+        self.strategy = "scan" if stacked else "cond"
+        super().__init__(ScanModel(model, dtype=dtype, unroll=unroll, cast_params=cast_params, stacked=stacked),
+                         steps, solver, cfg_scale, eta, respacing, guidance_channels, noise_schedule)
         self._aot_init()
         self._mask_arrays = {}
 
@@ -421,12 +459,18 @@ def make_sampler(model, steps: int, strategy: str = "static", **kw):
     if strategy == "static":
         kw.pop("unroll", None), kw.pop("cast_params", None), kw.pop("dtype", None)
         return StaticDiTSampler(model, steps, **kw)
-    if strategy == "scan":
-        return ScanDiTSampler(model, steps, **kw)
+    if strategy in ("scan", "cond"):
+        return ScanDiTSampler(model, steps, stacked=strategy == "scan", **kw)
     raise ConfigError(f"unknown execution strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
 
 
 def default_strategy(backend: Optional[str] = None) -> str:
-    """The strategy BENCHMARKS.md measured best for a backend: "scan" on CPU, "static" elsewhere."""
+    """The default execution strategy of a backend (BENCHMARKS.md has the numbers).
+
+    CPU: "cond" (one graph, compiled in seconds and loaded from the persistent
+    cache in about a second, steady state as fast as "static"). Other
+    backends: "static" (no conditionals; not measured here: a conditional may
+    cost a device-host round trip on a GPU).
+    """
     backend = backend or jax.default_backend()
-    return "scan" if backend == "cpu" else "static"
+    return "cond" if backend == "cpu" else "static"

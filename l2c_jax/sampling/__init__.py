@@ -28,18 +28,27 @@ def router_masks(model, router, threshold, steps: int):
 
 
 def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Optional[float] = None,
-           router=None, threshold: Optional[float] = None, key=None, progress: bool = False, **kw):
+           router=None, threshold: Optional[float] = None, key=None, progress: bool = False,
+           strategy: str = "static", **kw):
     """Samples latents (API.md). With a router, the original's cache schedule applies.
 
     DiT: solver "ddim" | "ddpm", `steps` sampler steps, CFG as `forward_with_cfg`
     (None or 1.0 = no guidance). U-ViT: solver "dpm_solver2" (also dpm_solver1/3,
     dpm_solver2m), `steps` = NFE per branch, CFG `cond + s*(cond - uncond)`.
+    strategy (DiT): "static" (one graph per distinct mask), "cond" / "scan" (one graph
+    with each sub-layer behind lax.cond), or "auto" (the backend's measured default).
     """
     masks = router_masks(model, router, threshold, steps) if router is not None else None
     if model.family == "dit":
         if solver not in ("ddim", "ddpm"):
             raise ConfigError(f"DiT samples with 'ddim' or 'ddpm', not {solver!r}")
-        return DiTSampler(model, steps, solver, cfg_scale, **kw)(noise, y, masks, key=key, progress=progress)
+        if strategy == "static":
+            sampler = DiTSampler(model, steps, solver, cfg_scale, **kw)
+        else:  # "cond" / "scan": one graph for every schedule (BENCHMARKS.md); "auto": the backend's default
+            from l2c_jax.models.dit_scan import default_strategy, make_sampler  # lazy: avoids an import cycle
+            sampler = make_sampler(model, steps, default_strategy() if strategy == "auto" else strategy,
+                                   solver=solver, cfg_scale=cfg_scale, **kw)
+        return sampler(noise, y, masks, key=key, progress=progress)
     if model.family == "uvit":
         from l2c_jax.sampling.uvit import sample_uvit
         return sample_uvit(model, noise, y, steps, cfg_scale, masks=masks, solver=solver, progress=progress, **kw)

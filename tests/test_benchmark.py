@@ -1,0 +1,71 @@
+"""scripts/benchmark.py end to end on the tiny config: completion and the JSON row's shape (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, fixture_path
+from l2c_jax.benchmark import ROW_KEYS, flop_bound, unit_flops
+from l2c_jax.models.dit import DiTConfig
+
+
+def _run(tmp_path, *overrides):
+    out = tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench_dit_tiny.py",
+                        f"--config.output={out}", f"--config.compilation_cache_dir={tmp_path / 'xla'}",
+                        *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1
+    return rows[0], r.stdout
+
+
+@pytest.mark.parametrize("strategy", ["static", "scan", "cond"])
+def test_tiny_benchmark_writes_a_complete_row(tmp_path, strategy):
+    row, stdout = _run(tmp_path, f"--config.strategy={strategy}", "--config.repeats=1")
+    assert set(ROW_KEYS) <= set(row)
+    assert row["strategy"] == strategy and row["batch_size"] == 2 and row["dtype"] == "float32"
+    for kind in ("full", "l2c"):
+        assert row[kind]["n"] == 1 and len(row[kind]["times"]) == 1
+        assert {"median", "min", "max"} <= set(row[kind])
+    assert row["flop_bound"] >= 1.0 and row["bound_with_fixed"] >= 1.0
+    assert 0 < row["computed_share"] < 1
+    assert {"speedup", "speedup_over_bound"} <= set(row) and row["speedup"] > 0
+    comp = row["compile"]
+    assert {"cold_s", "warm_s", "graphs", "in_process_s"} <= set(comp)
+    assert comp["graphs"] >= 1 and (comp["graphs"] == 1) == (strategy in ("scan", "cond"))
+    assert row["memory"]["peak_rss_sampling_bytes"] > 0
+    assert row["machine"]["cores"] >= 1 and row["machine"]["backend"]
+    assert "speed-up" in stdout and "FLOP bound" in stdout and "ratio" in stdout
+
+
+def test_tiny_benchmark_bfloat16_truncated_schedule_with_fixture_router(tmp_path):
+    row, _ = _run(tmp_path, "--config.dtype=bfloat16", "--config.max_steps=4", "--config.measure_compile=False",
+                  "--config.repeats=1", "--config.warmup=0",
+                  f"--config.router.checkpoint={fixture_path('dit', 'dit_tiny_router_ddim10.pt')}")
+    assert row["dtype"] == "bfloat16" and row["schedule_steps"] == 4 and row["steps"] == 10
+    assert row["compile"].get("cold_s") is None
+    dev = row["bf16_vs_f32"]
+    assert set(dev) == {"l2c_rel_max", "l2c_rel_rms"} and np.isfinite(dev["l2c_rel_max"])
+
+
+def test_flop_bound_counts_units_by_their_flops():
+    cfg = DiTConfig.from_name("DiT-XL/2", input_size=32)
+    u = unit_flops(cfg)
+    assert u.shape == (56,) and u[1] > u[0] > 0  # an MLP costs more than an attention at 256 tokens
+    masks = np.ones((2, 56), bool)
+    assert flop_bound(cfg, masks, 2)["bound"] == 1.0
+    masks[1, 1::2] = False  # drop every MLP at the second step
+    b = flop_bound(cfg, masks, 2)
+    want = 2 * u.sum() / (2 * u.sum() - u[1::2].sum())
+    assert abs(b["bound"] - want) < 1e-12 and 1.0 < b["bound_with_fixed"] < b["bound"]
+
+
+def test_bad_strategy_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench_dit_tiny.py",
+                        "--config.strategy=eager", f"--config.output={tmp_path / 'x.jsonl'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "strategy" in r.stderr and "Traceback" not in r.stderr
