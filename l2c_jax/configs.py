@@ -50,7 +50,7 @@ def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):
         msg = " ".join(str(e).split())
         raise ConfigError(f"cannot load the config: {msg[msg.find('Attempted'):] if 'Attempted' in msg else msg}") from None
     if config is None:
-        raise ConfigError("--config is required (e.g. --config configs/dit_tiny.py)")
+        raise ConfigError("--config is required (e.g. --config configs/dit_smoke.py)")
     if workdir_required and not fv.workdir:
         raise ConfigError("--workdir is required")
     return config, fv.workdir

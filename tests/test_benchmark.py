@@ -14,7 +14,7 @@ from l2c_jax.models.dit import DiTConfig
 
 def _run(tmp_path, *overrides):
     out = tmp_path / "rows.jsonl"
-    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench_dit_tiny.py",
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench_dit_smoke.py",
                         f"--config.output={out}", f"--config.compilation_cache_dir={tmp_path / 'xla'}",
                         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -65,7 +65,7 @@ def test_flop_bound_counts_units_by_their_flops():
 
 
 def test_bad_strategy_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench_dit_tiny.py",
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench_dit_smoke.py",
                         "--config.strategy=eager", f"--config.output={tmp_path / 'x.jsonl'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "strategy" in r.stderr and "Traceback" not in r.stderr

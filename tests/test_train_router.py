@@ -60,7 +60,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def train_cmd(setup, workdir, steps=30, extra=()):
-    return [sys.executable, "scripts/train_router.py", "--config", "configs/router_dit_tiny.py", "--workdir", str(workdir),
+    return [sys.executable, "scripts/train_router.py", "--config", "configs/router_dit_smoke.py", "--workdir", str(workdir),
             "--config.model.random_init=False", f"--config.model.checkpoint={setup / 'dit'}",
             f"--config.vae.checkpoint={setup / 'vae'}", f"--config.data.image_folder={setup / 'images'}",
             f"--config.train.steps={steps}", "--config.train.lr=0.05", "--config.train.l1=0.01", *extra]
@@ -146,7 +146,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_pa
 
 def test_precomputed_latents_train_like_images(tiny_setup, tmp_path):
     lat = tmp_path / "lat"
-    r = subprocess.run([sys.executable, "scripts/extract_latents.py", "--config", "configs/router_dit_tiny.py",
+    r = subprocess.run([sys.executable, "scripts/extract_latents.py", "--config", "configs/router_dit_smoke.py",
                         "--workdir", str(lat), f"--config.vae.checkpoint={tiny_setup / 'vae'}",
                         f"--config.data.image_folder={tiny_setup / 'images'}", "--config.data.flip=True"],
                        cwd=ROOT, capture_output=True, text=True)

@@ -24,5 +24,5 @@ def get_config(arg=None):
     c.batch_size = 10
     c.repeats = 2
     c.grid_upscale = 4
-    c.workdir = "out/dit_tiny"
+    c.workdir = "out/dit_smoke"
     return c

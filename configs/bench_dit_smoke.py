@@ -2,7 +2,7 @@
 
 Checks the benchmark's plumbing (tests/test_benchmark.py runs it); its numbers mean little.
 
-  python scripts/benchmark.py --config configs/bench_dit_tiny.py
+  python scripts/benchmark.py --config configs/bench_dit_smoke.py
 """
 
 import ml_collections
@@ -12,7 +12,7 @@ from configs.bench_dit_xl2_256_ddim20 import get_config as _xl
 
 def get_config(arg=None):
     c = _xl()
-    c.name = "dit_tiny"
+    c.name = "dit_smoke"
     c.model.arch = ml_collections.ConfigDict(dict(
         input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
         num_classes=10, learn_sigma=True, class_dropout_prob=0.1, mlp_ratio=4.0))
@@ -25,5 +25,5 @@ def get_config(arg=None):
     c.repeats = 2
     c.torch_warmup = 1
     c.torch_repeats = 1
-    c.output = "out/bench/dit_tiny.jsonl"
+    c.output = "out/bench/dit_smoke.jsonl"
     return c
