@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +124,17 @@ def load_model(directory: str, dtype=jnp.float32) -> Model:
     params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR),
                                        abstract_params(meta["family"], config))
     return Model(meta["family"], config, params, dtype=dtype)
+
+
+def model_from_config(model_config, dtype=jnp.float32) -> Model:
+    """The model a config's `model` section names: a converted checkpoint directory, or
+    (`random_init`, with `arch`) a randomly initialised DiT for smoke tests."""
+    if model_config.get("random_init"):
+        from l2c_jax.models.dit import DiTConfig
+        return Model.random("dit", DiTConfig(**model_config.arch.to_dict()), model_config.get("init_seed", 0))
+    if not model_config.get("checkpoint"):
+        raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/ first")
+    return load_model(model_config.checkpoint, dtype=dtype)
 
 
 def _ensure_registered():

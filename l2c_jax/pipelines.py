@@ -41,17 +41,9 @@ def _labels(config, num_classes: int) -> np.ndarray:
 
 def load_for_sampling(config):
     """(model, router or None, vae or None) from the config's paths."""
-    from l2c_jax.model import Model, load_model
-    from l2c_jax.models.dit import DiTConfig
+    from l2c_jax.model import model_from_config
 
-    mc = config.model
-    if mc.get("random_init"):
-        # A randomly initialised DiT, for smoke tests without any checkpoint.
-        model = Model.random("dit", DiTConfig(**mc.arch.to_dict()), mc.get("init_seed", 0))
-    else:
-        if not mc.get("checkpoint"):
-            raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/dit.py first")
-        model = load_model(mc.checkpoint, dtype=jnp.dtype(config.get("dtype", "float32")))
+    model = model_from_config(config.model, dtype=jnp.dtype(config.get("dtype", "float32")))
     router = None
     rc = config.get("router")
     if rc is not None and rc.get("checkpoint"):

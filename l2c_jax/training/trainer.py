@@ -22,12 +22,10 @@ fold_in(seed, s), so a resumed run continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +39,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(L2CError):
     """The loss or the router became NaN or infinite."""
-
-
-def _load_model(config):
-    from l2c_jax.model import Model, load_model
-    from l2c_jax.models.dit import DiTConfig
-
-    mc = config.model
-    if mc.get("random_init"):
-        return Model.random("dit", DiTConfig(**mc.arch.to_dict()), mc.get("init_seed", 0))
-    if not mc.get("checkpoint"):
-        raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/ first")
-    return load_model(mc.checkpoint)
 
 
 def _load_vae(config):
@@ -178,7 +164,9 @@ def train_router(config, workdir: str, report=print) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    model = _load_model(config)
+    from l2c_jax.model import model_from_config
+
+    model = model_from_config(config.model)
     vae = _load_vae(config)
     diffusion, kind, steps, cache_rows = training_setup(model, config)
     num_units = model.num_units
