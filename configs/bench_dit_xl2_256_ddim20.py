@@ -30,6 +30,7 @@ def get_config(arg=None):
         router = os.path.normpath(_FIXTURE)
     c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="dit-ddim", threshold=0.1, seed=0))
     c.labels = (207, 992, 387, 974, 142, 979, 417, 279)  # the original sample.py's
+    c.mode = "sample"         # "sample": full vs L2C schedules; "forward": one full forward's FLOP rate / MFU
     c.batch_size = 1          # images per batch (the model sees 2x with CFG)
     c.dtype = "float32"       # or "bfloat16"
     c.strategy = "auto"       # "static" (a graph per distinct mask), "scan" / "cond" (one graph), "auto" (per backend)
@@ -45,6 +46,10 @@ def get_config(arg=None):
     c.compare_float32 = True  # with bfloat16: also run float32 once and report the deviation
     c.torch_reference = ""    # path to the original repo's DiT folder: also time the PyTorch original
     c.torch_threads = 2
+    c.peak_tflops = 0.0       # > 0: the chip's peak for MFU (else the datasheet table in l2c_jax/throughput.py)
+    c.inner = 1               # mode=forward: forwards per timed repeat (raise where one forward is milliseconds)
+    c.matmul_probe = True     # mode=forward: also time a matmul chain of the MLP shape in the same dtype
+    c.matmul_probe_rows = 8192
     c.torch_warmup = 1        # untimed forwards of the PyTorch model before its timed runs
     c.torch_repeats = 1
     c.output = "out/bench/dit_xl2_256_ddim20.jsonl"

@@ -18,7 +18,13 @@ execution strategy (`l2c_jax.models.dit_scan`):
   or the device's peak bytes in use when the backend reports it;
 - with dtype bfloat16, the deviation of the L2C latents from float32 ones;
 - optionally the original PyTorch L2C code on the same weights
-  (`torch_reference`), timed the same way.
+  (`torch_reference`), timed the same way;
+- the achieved FLOP rate of both schedules (and MFU where the chip's peak is
+  known, `l2c_jax.throughput`).
+
+`mode="forward"` times one full-model forward instead (FLOP rate, MFU, and a
+matmul chain of the same shape as the device's practical ceiling):
+`l2c_jax.throughput.run_forward_benchmark`.
 
 It prints the measured speed-up, the bound and their ratio, and appends one
 JSON row to `config.output`.
@@ -52,7 +58,7 @@ ROW_KEYS = (
     "name", "date", "command", "machine", "model", "image_size", "steps", "schedule_steps", "batch_size",
     "cfg_scale", "dtype", "strategy", "router", "threshold", "warmup", "repeats", "computed_share",
     "flop_bound", "bound_with_fixed", "full", "l2c", "speedup", "speedup_over_bound", "compile",
-    "memory", "l2c_vs_full_rel", "bf16_vs_f32", "torch_reference",
+    "memory", "l2c_vs_full_rel", "bf16_vs_f32", "torch_reference", "throughput",
 )
 
 
@@ -489,6 +495,12 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
 
     from l2c_jax.models.dit_scan import enable_compilation_cache
 
+    mode = config.get("mode", "sample")
+    if mode == "forward":
+        from l2c_jax.throughput import run_forward_benchmark
+        return run_forward_benchmark(config, report, argv)
+    if mode != "sample":
+        raise ConfigError(f"mode must be 'sample' (full vs L2C schedules) or 'forward' (MFU), got {mode!r}")
     cache_dir = config.get("compilation_cache_dir", "default")
     cache_dir = enable_compilation_cache(None if cache_dir == "default" else ("" if cache_dir == "off" else cache_dir))
     strategy = resolve_strategy(config.get("strategy", "auto"))
@@ -590,6 +602,15 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
            f"(median of {repeats}; min {row['full']['min']:.3f} / {row['l2c']['min']:.3f})")
     report(f"speed-up {row['speedup']:.4f}x, FLOP bound {row['flop_bound']:.4f}x, "
            f"ratio {row['speedup_over_bound']:.4f}")
+    from l2c_jax.throughput import device_kind, peak_tflops, throughput_of_schedule
+    rows = batch * (2 if sampler.cfg_scale is not None else 1)
+    peak, _ = peak_tflops(device_kind(row["machine"]), str(dtype), float(config.get("peak_tflops", 0.0) or 0.0))
+    row["throughput"] = throughput_of_schedule(cfg, run_masks, sched_steps, rows, row["full"]["median"],
+                                               row["l2c"]["median"], peak)
+    report(f"achieved: full {row['throughput']['full_tflops'] * 1e3:.1f} GFLOP/s, "
+           f"L2C {row['throughput']['l2c_tflops'] * 1e3:.1f} GFLOP/s"
+           + (f" (MFU {row['throughput']['full_mfu'] * 100:.1f}% / {row['throughput']['l2c_mfu'] * 100:.1f}%)"
+              if peak else ""))
 
     # -- bfloat16 deviation from float32
     if dtype == jnp.bfloat16 and config.get("compare_float32", True):
@@ -599,7 +620,7 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
         report(f"bfloat16 vs float32 L2C latents: max {row['bf16_vs_f32']['l2c_rel_max']:.3e}, "
                f"rms {row['bf16_vs_f32']['l2c_rel_rms']:.3e} (relative)")
         del s32
-    del sampler
+    sampler = None  # free the JAX graphs and weights before the PyTorch side runs
 
     # -- the original PyTorch code
     if config.get("torch_reference"):

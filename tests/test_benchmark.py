@@ -69,3 +69,35 @@ def test_bad_strategy_is_a_clear_error(tmp_path):
                         "--config.strategy=eager", f"--config.output={tmp_path / 'x.jsonl'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "strategy" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tiny_forward_mode_reports_flop_rate(tmp_path):
+    row, stdout = _run(tmp_path, "--config.mode=forward", "--config.repeats=2", "--config.warmup=1",
+                       "--config.dtype=float32", "--config.batch_size=3")
+    assert row["mode"] == "forward" and row["batch_size"] == 3 and row["dtype"] == "float32"
+    fwd = row["forward"]
+    assert fwd["n"] == 2 and fwd["median"] > 0 and fwd["tflops"] > 0 and fwd["flops"] > 0
+    assert fwd["mfu"] is None and "peak" in fwd["peak_source"]  # CPUs have no datasheet peak
+    assert row["matmul"]["tflops"] > 0 and row["matmul"]["forward_over_matmul"] > 0
+    assert "TFLOP/s" in stdout
+    # with a peak given, MFU is the rate over it
+    row, _ = _run(tmp_path / "p", "--config.mode=forward", "--config.repeats=1", "--config.warmup=0",
+                  "--config.peak_tflops=2.0", "--config.matmul_probe=False")
+    assert abs(row["forward"]["mfu"] - row["forward"]["tflops"] / 2.0) < 1e-12 and "matmul" not in row
+
+
+def test_peak_table_and_schedule_flops():
+    from l2c_jax.throughput import forward_flops, peak_tflops, schedule_flops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bfloat16")[0] == 756.0
+    assert peak_tflops("NVIDIA H200", "bfloat16")[0] == 989.4
+    assert peak_tflops("cpu", "float32")[0] is None
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "float32")[0] is None
+    assert peak_tflops("cpu", "float32", 1.5) == (1.5, "config.peak_tflops")
+    cfg = DiTConfig.from_name("DiT-XL/2", input_size=32)
+    # DiT-XL/2 256 px: 118.6 GMACs per image in the DiT paper, i.e. ~237 GFLOP at 2 FLOPs a multiply-add.
+    assert abs(forward_flops(cfg, 1) / 2 / 118.6e9 - 1) < 0.01
+    assert schedule_flops(cfg, None, 3, 2) == 3 * forward_flops(cfg, 2)
+    masks = np.zeros((3, 56), bool)
+    assert schedule_flops(cfg, masks, 3, 2) < schedule_flops(cfg, masks | True, 3, 2) == 3 * forward_flops(cfg, 2)

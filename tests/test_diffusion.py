@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import nhwc
 from l2c_jax import ConfigError
 from l2c_jax.diffusion import (
     GaussianDiffusion,
@@ -18,22 +18,17 @@ from l2c_jax.diffusion import (
 )
 
 
-def nhwc(a):
-    return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+FAMILY = "dit"  # the reference fixtures behind io / model / router (conftest)
 
 
 def nchw(a):
     return np.asarray(a).transpose(0, 3, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("dit", "dit_tiny_io.npz")))
-
-
 # ---------------------------------------------------------------------------
 # Schedules and respacing
 # ---------------------------------------------------------------------------
+
 
 def test_linear_schedule_matches_definition():
     b = get_named_beta_schedule("linear", 1000)
@@ -110,6 +105,7 @@ def test_tables_are_float64_and_posterior_log_variance_clipped():
 # ---------------------------------------------------------------------------
 # Steps: against a float64 NumPy derivation
 # ---------------------------------------------------------------------------
+
 
 def _np_ddim(d, out, x, i, eta=0.0, noise=None):
     """DDIM (eq. 12 of the DDIM paper) in float64, channels last."""
@@ -216,6 +212,7 @@ def test_ddpm_step_learned_range_and_fixed():
 # ---------------------------------------------------------------------------
 # Steps: against the original's own sampling run
 # ---------------------------------------------------------------------------
+
 
 def test_ddim_step_reproduces_original_run(io):
     """Each DDIM update of the fixture's cached run, from its recorded model outputs.

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, fixture_path
+from conftest import nhwc, ROOT, fixture_path
 from l2c_jax import CheckpointError, load_model
 from l2c_jax.convert.dit import convert_dit, infer_dit_config, state_dict_of
 from l2c_jax.models.dit import DIT_VARIANTS, DiT, DiTConfig
@@ -19,18 +19,7 @@ from l2c_jax.models.layers import sincos_pos_embed_2d
 from l2c_jax.torch_io import load_checkpoint_file, select_state_dict
 
 
-def nhwc(a):
-    return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
-
-
-@pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("dit", "dit_tiny_io.npz")))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return convert_dit(fixture_path("dit", "dit_tiny.pt"), num_heads=4)
+FAMILY = "dit"  # the reference fixtures behind io / model / router (conftest)
 
 
 def test_config_inferred_from_weights(model):

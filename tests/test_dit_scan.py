@@ -5,37 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import nhwc, rel_err
 from l2c_jax import ConfigError
-from l2c_jax.convert.dit import convert_dit
 from l2c_jax.models.dit_scan import (STRATEGIES, ScanDiTSampler, ScanModel, StaticDiTSampler, cache_from_tuple, cache_to_tuple,
                                      default_strategy, enable_compilation_cache, make_sampler, scan_apply,
                                      split_block_params)
-from l2c_jax.router import load_router
 from l2c_jax.sampling import DiTSampler
 
 
-def nhwc(a):
-    return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("dit", "dit_tiny_io.npz")))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return convert_dit(fixture_path("dit", "dit_tiny.pt"), num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def router():
-    return load_router(fixture_path("dit", "dit_tiny_router_ddim10.pt"))
+FAMILY = "dit"  # the reference fixtures behind io / model / router (conftest)
 
 
 def test_stacked_params_round_trip(model):

@@ -1,6 +1,5 @@
 """DiT sampling with and without the learned cache against the original's DDIM runs."""
 
-import os
 import subprocess
 import sys
 
@@ -8,30 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, fixture_path
+from conftest import rel_err, ROOT, fixture_path
 from l2c_jax import ConfigError
 from l2c_jax.convert.dit import convert_dit
-from l2c_jax.router import load_router
 from l2c_jax.sampling import DiTSampler, sample
 
 
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("dit", "dit_tiny_io.npz")))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return convert_dit(fixture_path("dit", "dit_tiny.pt"), num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def router():
-    return load_router(fixture_path("dit", "dit_tiny_router_ddim10.pt"))
+FAMILY = "dit"  # the reference fixtures behind io / model / router (conftest)
 
 
 def test_ddim_full_matches_original(model, io):

@@ -1,6 +1,5 @@
 """Router training: the original's loss, a short run, resume after SIGKILL, several devices."""
 
-import json
 import os
 import signal
 import subprocess
@@ -67,7 +66,6 @@ def train_cmd(setup, workdir, steps=30, extra=()):
 
 
 def test_short_run_lowers_the_loss_and_writes_everything(tiny_setup, tmp_path):
-    import ml_collections  # noqa: F401
     from l2c_jax.configs import parse_config_flags
     from l2c_jax.training.trainer import train_router
     cmd = train_cmd(tiny_setup, tmp_path / "w")
@@ -103,7 +101,7 @@ def test_killed_run_resumes_where_its_checkpoint_was(tiny_setup, tmp_path):
 
     r = subprocess.run(train_cmd(tiny_setup, work, steps=40), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from" in r.stdout and f"at step {max(done)}" in r.stdout
+    assert "resumed from" in r.stdout and f"at step {max(done)}" in r.stdout
     # the same batches and draws: identical to the uninterrupted run
     np.testing.assert_allclose(load_router(str(work)).prob, load_router(str(tmp_path / "ref")).prob, atol=1e-6)
 

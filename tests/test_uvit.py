@@ -10,15 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, fixture_path
+from conftest import nhwc, ROOT, fixture_path
 from l2c_jax import CheckpointError, ConfigError, load_model
-from l2c_jax.convert.uvit import convert_uvit, infer_uvit_config, state_dict_of
+from l2c_jax.convert.uvit import infer_uvit_config, state_dict_of
 from l2c_jax.models.uvit import UVIT_VARIANTS, UViT, UViTConfig
 from l2c_jax.torch_io import load_checkpoint_file, select_state_dict
 
 
-def nhwc(a):
-    return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+FAMILY = "uvit"  # the reference fixtures behind io / model / router (conftest)
 
 
 def assert_close(out, ref_nchw, err_msg=""):
@@ -28,21 +27,6 @@ def assert_close(out, ref_nchw, err_msg=""):
     ref = np.asarray(ref_nchw).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0,
                                err_msg=err_msg)
-
-
-@pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("uvit", "uvit_tiny_io.npz")))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return convert_uvit(fixture_path("uvit", "uvit_tiny.pth"), num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def conv_model():
-    return convert_uvit(fixture_path("uvit", "uvit_tiny_conv.pth"), num_heads=4)
 
 
 def test_config_inferred_from_weights(model, conv_model):

@@ -4,40 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_path
-from l2c_jax import ConfigError, load_router
-from l2c_jax.convert.uvit import convert_uvit
+from conftest import nhwc, rel_err
+from l2c_jax import ConfigError
 from l2c_jax.diffusion.dpm_solver import DPMSolver
 from l2c_jax.sampling.uvit import UViTSampler, sample_uvit
 
 
-def nhwc(a):
-    return np.asarray(a).transpose(0, 2, 3, 1)
-
-
-def rel_err(a, ref):
-    # Sampling chains amplify rounding: compare relative to the output scale (fixtures README).
-    return float(np.abs(np.asarray(a) - ref).max() / np.abs(ref).max())
+FAMILY = "uvit"  # the reference fixtures behind io / model / router (conftest)
 
 
 @pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("uvit", "uvit_tiny_io.npz")))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return convert_uvit(fixture_path("uvit", "uvit_tiny.pth"), num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def conv_model():
-    return convert_uvit(fixture_path("uvit", "uvit_tiny_conv.pth"), num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def masks(io):
-    router = load_router(fixture_path("uvit", "uvit_tiny_router_dpm10.pth"))
+def masks(io, router):
     assert router.kind == "uvit-dpm2" and router.steps == int(io["dpm_nfe"])
     return router.masks(float(io["l2c_threshold"]))
 

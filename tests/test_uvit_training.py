@@ -7,29 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, fixture_path
-from l2c_jax.convert.uvit import convert_uvit
+from conftest import nhwc, rel_err, ROOT, fixture_path
 from l2c_jax.errors import ConfigError
 from l2c_jax.router import load_router
 from l2c_jax.training.losses import UViTLossSchedule, uvit_random_batch, uvit_router_loss
 
 
-def nhwc(a):
-    return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
-
-
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def io():
-    return dict(np.load(fixture_path("uvit", "uvit_tiny_io.npz")))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return convert_uvit(fixture_path("uvit", "uvit_tiny.pth"), num_heads=4)
+FAMILY = "uvit"  # the reference fixtures behind io / model / router (conftest)
 
 
 def test_uvit_loss_and_gradient_match_the_original(model, io):
@@ -44,12 +28,12 @@ def test_uvit_loss_and_gradient_match_the_original(model, io):
     fn = lambda p: uvit_router_loss(p, model.params, batch, model=model, tables=tables,  # noqa: E731
                                     l1_weight=float(io["train_l1_weight"]))
     (loss, aux), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(jnp.asarray(router.prob))
-    assert rel(aux["sos"], io["train_data_loss"]) < 1e-4  # per-sample sums of squares
-    assert rel(aux["data_loss"], io["train_data_loss"].mean()) < 1e-4
-    assert rel(aux["l1"], io["train_l1"]) < 1e-6
-    assert rel(loss, io["train_loss"]) < 1e-4
+    assert rel_err(aux["sos"], io["train_data_loss"]) < 1e-4  # per-sample sums of squares
+    assert rel_err(aux["data_loss"], io["train_data_loss"].mean()) < 1e-4
+    assert rel_err(aux["l1"], io["train_l1"]) < 1e-6
+    assert rel_err(loss, io["train_loss"]) < 1e-4
     assert grad.shape == (nfe, model.num_units)
-    assert rel(grad, io["train_router_grad"]) < 1e-4
+    assert rel_err(grad, io["train_router_grad"]) < 1e-4
     # only router row k+1 (the first evaluation of the next solver step) receives gradient
     assert np.all(np.asarray(grad)[np.arange(nfe) != k + 1] == 0) and np.abs(np.asarray(grad)[k + 1]).max() > 0
 
