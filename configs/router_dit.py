@@ -7,6 +7,8 @@ Global batch 64, AdamW (wd 0), router clamped to [-5, 5] after each step.
 
 import ml_collections
 
+from l2c_jax.training.data import data_config
+
 # (model, image size, DDIM steps) -> (l1 weight, lr, inference threshold), the released settings.
 TABLE = {
     ("xl2", 256, 50): (1e-6, 1e-3, 0.1),
@@ -29,16 +31,7 @@ def get_config(arg="xl2_256_ddim20"):
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(checkpoint=f"ckpt/dit_{tag}_{size}", random_init=False))
     c.vae = ml_collections.ConfigDict(dict(checkpoint="ckpt/sd-vae-ft-ema", scale=0.18215))
-    c.data = ml_collections.ConfigDict(dict(
-        image_folder="",            # root/<class>/*.JPEG, e.g. ImageNet train
-        tfds_name="",               # or a TFDS dataset such as "imagenet2012"
-        split="train",
-        tfds_data_dir="",
-        manual_dir="",              # imagenet2012: the directory holding ILSVRC2012_img_train.tar
-        latents="",                 # or latents from scripts/extract_latents.py
-        image_size=size,
-        flip=True,
-    ))
+    c.data = data_config(image_size=size)  # image folder, TFDS or stored latents: l2c_jax.training.data
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=steps))
     c.router = ml_collections.ConfigDict(dict(threshold=thr))
     c.train = ml_collections.ConfigDict(dict(

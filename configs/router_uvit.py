@@ -13,6 +13,8 @@ The router has NFE rows, as the released ones; rows 1..NFE//2-1 train
 
 import ml_collections
 
+from l2c_jax.training.data import data_config
+
 # (model, image size, NFE) -> (l1 weight, lr, inference threshold), the released settings.
 TABLE = {
     ("h2", 256, 20): (0.1, 1e-3, 0.9),
@@ -32,16 +34,7 @@ def get_config(arg="h2_256_dpm20"):
     c.model = ml_collections.ConfigDict(dict(checkpoint=f"ckpt/uvit_{tag}_{size}", random_init=False))
     # U-ViT's autoencoder_kl_ema.pth (LDM naming), converted with convert/vae.py.
     c.vae = ml_collections.ConfigDict(dict(checkpoint="ckpt/uvit_autoencoder", scale=0.18215))
-    c.data = ml_collections.ConfigDict(dict(
-        image_folder="",            # root/<class>/*.JPEG, e.g. ImageNet train (classes in sorted order)
-        tfds_name="",               # or a TFDS dataset such as "imagenet2012"
-        split="train",
-        tfds_data_dir="",
-        manual_dir="",              # imagenet2012: the directory holding ILSVRC2012_img_train.tar
-        latents="",                 # or latents from scripts/extract_latents.py
-        image_size=size,
-        flip=True,
-    ))
+    c.data = data_config(image_size=size)  # image folder, TFDS or stored latents: l2c_jax.training.data
     # NFE = model evaluations per sample; DPM-Solver-2 singlestep takes NFE // 2 time-uniform steps.
     c.sampler = ml_collections.ConfigDict(dict(name="dpm_solver2", steps=nfe, skip_type="time_uniform"))
     c.router = ml_collections.ConfigDict(dict(threshold=thr))

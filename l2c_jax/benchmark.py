@@ -488,12 +488,27 @@ def _device_peak_bytes() -> Optional[int]:
     return None
 
 
+def compilation_cache_of(config) -> Optional[str]:
+    """Turns on the persistent compilation cache `config.compilation_cache_dir` names ("default", "off", a path)."""
+    from l2c_jax.models.dit_scan import enable_compilation_cache
+
+    d = config.get("compilation_cache_dir", "default")
+    return enable_compilation_cache(None if d == "default" else ("" if d == "off" else d))
+
+
+def dtype_of(config, default: str = "float32"):
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(config.get("dtype", default))
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
 def run_benchmark(config, report: Callable = print, argv=None) -> dict:
     """Measures one (batch size, dtype, strategy) point; returns the JSON row (also appended to config.output)."""
     import jax
     import jax.numpy as jnp
-
-    from l2c_jax.models.dit_scan import enable_compilation_cache
 
     mode = config.get("mode", "sample")
     if mode == "forward":
@@ -501,12 +516,9 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
         return run_forward_benchmark(config, report, argv)
     if mode != "sample":
         raise ConfigError(f"mode must be 'sample' (full vs L2C schedules) or 'forward' (MFU), got {mode!r}")
-    cache_dir = config.get("compilation_cache_dir", "default")
-    cache_dir = enable_compilation_cache(None if cache_dir == "default" else ("" if cache_dir == "off" else cache_dir))
+    cache_dir = compilation_cache_of(config)
     strategy = resolve_strategy(config.get("strategy", "auto"))
-    dtype = jnp.dtype(config.get("dtype", "float32"))
-    if dtype not in (jnp.float32, jnp.bfloat16):
-        raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype}")
+    dtype = dtype_of(config)
     batch = int(config.batch_size)
     steps = int(config.sampler.steps)
     max_steps = int(config.get("max_steps", 0) or 0)

@@ -120,13 +120,9 @@ def run_forward_benchmark(config, report: Callable = print, argv=None) -> dict:
     import jax.numpy as jnp
 
     from l2c_jax import benchmark as bm
-    from l2c_jax.models.dit_scan import enable_compilation_cache
 
-    cache_dir = config.get("compilation_cache_dir", "default")
-    enable_compilation_cache(None if cache_dir == "default" else ("" if cache_dir == "off" else cache_dir))
-    dtype = jnp.dtype(config.get("dtype", "bfloat16"))
-    if dtype not in (jnp.float32, jnp.bfloat16):
-        raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype}")
+    bm.compilation_cache_of(config)
+    dtype = bm.dtype_of(config, "bfloat16")
     rows = int(config.batch_size)
     warmup, repeats = int(config.get("warmup", 1)), int(config.get("repeats", 2))
     inner = int(config.get("inner", 1) or 1)

@@ -113,12 +113,6 @@ def attention_heads_major(q, k, v):
     return out.astype(v.dtype)
 
 
-def dot_product_attention(q, k, v):
-    """The same over token-major (B, N, H, hd) inputs."""
-    t = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
-    return t(attention_heads_major(t(q), t(k), t(v)))
-
-
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 (timm's Mlp)."""
 

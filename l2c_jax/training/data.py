@@ -235,6 +235,27 @@ class Batches:
         return {"moments": xs.astype(np.float32), "y": ys}
 
 
+def data_config(image_size: int, **overrides):
+    """The `data` section of a training config: every key `make_source` and `Batches` read, empty by default."""
+    import ml_collections
+
+    c = dict(
+        image_folder="",            # root/<class>/*.JPEG, e.g. ImageNet train (classes in sorted order)
+        tfds_name="",               # or a TFDS dataset such as "imagenet2012"
+        split="train",
+        tfds_data_dir="",
+        manual_dir="",              # imagenet2012: the directory holding ILSVRC2012_img_train.tar
+        latents="",                 # or latents from scripts/extract_latents.py
+        image_size=image_size,
+        flip=True,
+    )
+    unknown = set(overrides) - set(c)
+    if unknown:
+        raise ConfigError(f"unknown data keys: {', '.join(sorted(unknown))}")
+    c.update(overrides)
+    return ml_collections.ConfigDict(c)
+
+
 def make_source(data_config, image_size: int):
     """The source the config names: data.latents, data.image_folder or data.tfds_name
     ("sklearn_digits" names the bundled 8x8 digits)."""
