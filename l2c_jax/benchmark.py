@@ -38,16 +38,16 @@ import io
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
+
+from l2c_jax.memory import RSSPeak, device_peak_bytes, maxrss_bytes
 
 from l2c_jax.errors import ConfigError
 
@@ -157,42 +157,6 @@ def summarize(times, cpu=None) -> dict:
     return out
 
 
-class _RSSPeak:
-    """Samples the process's resident set size in a thread (Linux /proc; else getrusage's high-water mark)."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-
-def _maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
-
-
 def _rel(a, b) -> Optional[float]:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     den = np.abs(b).max()
@@ -287,23 +251,7 @@ def build_sampler(model, config, strategy: str):
 
 def run_steps(sampler, noise, y, masks, max_steps: int = 0):
     """`sampler(noise, y, masks)`, or only its first `max_steps` steps (the same step functions)."""
-    import jax.numpy as jnp
-
-    if not max_steps or max_steps >= sampler.steps:
-        return sampler(noise, y, masks)
-    noise = jnp.asarray(noise, jnp.float32)
-    y = jnp.asarray(y, jnp.int32)
-    b = noise.shape[0]
-    x = noise
-    if sampler.cfg_scale is not None:
-        x = jnp.concatenate([noise, noise], 0)
-        y = jnp.concatenate([y, jnp.full_like(y, sampler.model.config.null_class)], 0)
-    schedule = sampler.schedule(masks)[:max_steps]
-    cache = None
-    for s, i in enumerate(sampler.diffusion.sampling_indices()[:max_steps]):
-        keep = s + 1 < len(schedule) and schedule[s + 1] is not None
-        x, cache = sampler.step_fn(schedule[s], keep)(sampler.model.params, x, cache, jnp.int32(i), y, None)
-    return x[:b]
+    return sampler(noise, y, masks, max_steps=max_steps)
 
 
 def _inputs(config, model, batch: int):
@@ -324,7 +272,7 @@ def _compile_probe(spec: dict) -> dict:
     import jax
     import ml_collections
 
-    from l2c_jax.models.dit_scan import enable_compilation_cache
+    from l2c_jax.compile_cache import enable_compilation_cache
 
     enable_compilation_cache(spec["cache_dir"])
     config = ml_collections.ConfigDict(spec["config"])
@@ -476,24 +424,11 @@ def torch_reference(config, model, router, noise, y, steps: int, warmup: int, re
 
 
 # --------------------------------------------------------------------------- the benchmark
-def _device_peak_bytes() -> Optional[int]:
-    import jax
-
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:
-        return None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"])
-    return None
-
-
 def compilation_cache_of(config) -> Optional[str]:
     """Turns on the persistent compilation cache `config.compilation_cache_dir` names ("default", "off", a path)."""
-    from l2c_jax.models.dit_scan import enable_compilation_cache
+    from l2c_jax.compile_cache import from_setting
 
-    d = config.get("compilation_cache_dir", "default")
-    return enable_compilation_cache(None if d == "default" else ("" if d == "off" else d))
+    return from_setting(config.get("compilation_cache_dir", "default"))
 
 
 def dtype_of(config, default: str = "float32"):
@@ -514,6 +449,9 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
     if mode == "forward":
         from l2c_jax.throughput import run_forward_benchmark
         return run_forward_benchmark(config, report, argv)
+    if mode == "user_path":
+        from l2c_jax.bench.user_path import run_user_path
+        return run_user_path(config, report)
     if mode != "sample":
         raise ConfigError(f"mode must be 'sample' (full vs L2C schedules) or 'forward' (MFU), got {mode!r}")
     cache_dir = compilation_cache_of(config)
@@ -565,7 +503,7 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
                f"{comp['workers']} worker(s)")
     if not latency:  # compile-only run
         row["compile"] = comp
-        row["memory"] = dict(maxrss_bytes=_maxrss_bytes(), device_peak_bytes=_device_peak_bytes())
+        row["memory"] = dict(maxrss_bytes=maxrss_bytes(), device_peak_bytes=device_peak_bytes())
         return _write_row(config, row, report)
     model = typed_model(model32, dtype)
     sampler = build_sampler(model, config, strategy)
@@ -590,8 +528,8 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
         out.block_until_ready()
         return out, time.perf_counter() - t0, time.process_time() - c0
 
-    rss0 = _maxrss_bytes()
-    with _RSSPeak() as peak:
+    rss0 = maxrss_bytes()
+    with RSSPeak() as peak:
         # Warm-up: untimed L2C runs; they call every compiled graph but the full schedule's,
         # which was compiled ahead of time like the others.
         for w in range(warmup):
@@ -608,8 +546,8 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
     row["l2c_vs_full_rel"] = _rel(lat["l2c"], lat["full"])
     params_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(sampler.model.params)))
     row["memory"] = dict(peak_rss_sampling_bytes=int(peak.peak), maxrss_before_sampling_bytes=rss0,
-                         maxrss_bytes=_maxrss_bytes(), sampler_params_bytes=params_bytes,
-                         device_peak_bytes=_device_peak_bytes())
+                         maxrss_bytes=maxrss_bytes(), sampler_params_bytes=params_bytes,
+                         device_peak_bytes=device_peak_bytes())
     report(f"full {row['full']['median']:.3f} s, L2C {row['l2c']['median']:.3f} s per batch of {batch} "
            f"(median of {repeats}; min {row['full']['min']:.3f} / {row['l2c']['min']:.3f})")
     report(f"speed-up {row['speedup']:.4f}x, FLOP bound {row['flop_bound']:.4f}x, "

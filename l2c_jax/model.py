@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
 
-from l2c_jax import checkpoint
+from l2c_jax import checkpoint, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.models.cache import check_mask
 
@@ -28,6 +29,7 @@ def register_family(name: str, config_cls, module_cls, example_inputs: Callable)
 
 
 def family_of(name: str):
+    _ensure_registered()  # a Model built before any loader ran must find its family too
     if name not in _FAMILIES:
         raise CheckpointError(f"unknown model family {name!r} (known: {', '.join(sorted(_FAMILIES))})")
     return _FAMILIES[name]
@@ -52,6 +54,19 @@ class Model:
         _, module_cls, _ = family_of(self.family)
         self.module = module_cls(self.config, dtype=self.dtype)
         self._jitted: Dict[Any, Callable] = {}
+        # Samplers built for this model by `l2c_jax.sample`, keyed by what changes
+        # their graphs; they live exactly as long as the model (l2c_jax.sampling).
+        self.samplers: Dict[Any, Any] = {}
+
+    def on_devices(self, mesh=None) -> "Model":
+        """Places the parameters on the devices (replicated over `mesh`) once; returns self.
+
+        Loaders return placed models already; a model built from host (NumPy)
+        parameters is placed here before it samples, so no call copies weights.
+        """
+        if mesh is not None or not parallel.is_placed(self.params):
+            self.params = parallel.place(self.params, mesh)
+        return self
 
     @property
     def num_units(self) -> int:
@@ -91,27 +106,30 @@ class Model:
 
     def __call__(self, x, t, y=None, cache=None, mask=None, beta=None):
         mask = check_mask(mask, self.num_units)
-        return self._jit("plain", mask)(self.params, x, t, y, cache, beta=beta)
+        return self._jit("plain", mask)(self.on_devices().params, x, t, y, cache, beta=beta)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cache=None, mask=None, beta=None):
         mask = check_mask(mask, self.num_units)
-        return self._jit("cfg", mask)(self.params, x, t, y, cfg_scale, cache, beta=beta)
+        return self._jit("cfg", mask)(self.on_devices().params, x, t, y, cfg_scale, cache, beta=beta)
 
     @classmethod
     def random(cls, family: str, config, seed: int = 0, dtype=jnp.float32) -> "Model":
         """A randomly initialised model (the original's init is not reproduced; for tests and training)."""
         _ensure_registered()
         _, module_cls, example_inputs = family_of(family)
-        x, t, y = (jnp.zeros(s.shape, s.dtype) for s in example_inputs(config))
-        params = jax.jit(module_cls(config).init)(jax.random.key(seed), x, t, y)["params"]
-        return cls(family, config, params, dtype=dtype)
+        x, t, y = (None if s is None else jnp.zeros(s.shape, s.dtype) for s in example_inputs(config))
+        init = jax.jit(lambda k, x, t, y: module_cls(config).init(k, x, t, y)["params"],
+                       out_shardings=parallel.replicated())
+        return cls(family, config, init(jax.random.key(seed), x, t, y), dtype=dtype)
 
-    def save(self, directory: str, **extra) -> None:
-        checkpoint.write_model_dir(directory, self.family, dataclasses.asdict(self.config), self.params, **extra)
+    def save(self, directory: str, overwrite: bool = False, **extra) -> None:
+        checkpoint.write_model_dir(directory, self.family, dataclasses.asdict(self.config), self.params,
+                                   overwrite=overwrite, **extra)
 
 
-def load_model(directory: str, dtype=jnp.float32) -> Model:
-    """Restores a model written by `convert/` (or `Model.save`)."""
+def load_model(directory: str, dtype=jnp.float32, mesh=None) -> Model:
+    """Restores a model written by `convert/` (or `Model.save`), its weights on the devices
+    (replicated over `mesh`, default all devices), with no host copy kept."""
     _ensure_registered()
     meta = checkpoint.read_model_meta(directory)
     config_cls, _, _ = family_of(meta["family"])
@@ -119,10 +137,8 @@ def load_model(directory: str, dtype=jnp.float32) -> Model:
         config = config_cls(**meta["config"])
     except TypeError as e:
         raise CheckpointError(f"{directory}: invalid model config: {e}") from None
-    import os
-
     params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR),
-                                       abstract_params(meta["family"], config))
+                                       abstract_params(meta["family"], config), mesh=mesh)
     return Model(meta["family"], config, params, dtype=dtype)
 
 

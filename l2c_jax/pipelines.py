@@ -9,6 +9,8 @@ latency per batch and the schedule's share of computed sub-layers.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import time
@@ -40,10 +42,10 @@ def _labels(config, num_classes: int) -> np.ndarray:
 
 
 def load_for_sampling(config):
-    """(model, router or None, vae or None) from the config's paths."""
+    """(model, router or None, vae or None) from the config's paths, weights on the devices."""
     from l2c_jax.model import model_from_config
 
-    model = model_from_config(config.model, dtype=jnp.dtype(config.get("dtype", "float32")))
+    model = model_from_config(config.model, dtype=jnp.dtype(config.get("dtype", "float32"))).on_devices()
     router = None
     rc = config.get("router")
     if rc is not None and rc.get("checkpoint"):
@@ -57,64 +59,67 @@ def load_for_sampling(config):
     return model, router, vae
 
 
-def _data_sharding(batch: int):
-    """Batch split over a 1-D `data` mesh of local devices when it divides evenly."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    devices = jax.local_devices()
-    if len(devices) == 1 or batch % len(devices):
-        return None
-    return NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
-
-
 def _make_sampler(model, router, config):
     """(sampler, masks or None, computed share, what it runs, what the share is of) for the model's family.
 
-    One sampler serves every batch, so its compiled programs are reused.
+    The sampler is the model's own (`l2c_jax.sampling.sampler_for`), so every
+    batch, and every later job on the same model, reuses its compiled steps.
     """
-    from l2c_jax.sampling import computed_share, router_masks
+    from l2c_jax.sampling import is_guided, router_masks, sampler_for
 
     sc = config.sampler
     thr = config.router.get("threshold") if config.get("router") is not None else None
+    cache_dtype = config.get("cache_dtype") or None
+    guided = is_guided(model.family, sc.get("cfg_scale"))
     if model.family == "dit":
-        from l2c_jax.models.dit_scan import default_strategy, enable_compilation_cache, make_sampler
-
-        cd = config.get("compilation_cache_dir", "default")
-        enable_compilation_cache(None if cd == "default" else ("" if cd == "off" else cd))
-        strategy = config.get("strategy", "auto")
-        sampler = make_sampler(model, sc.steps, default_strategy() if strategy == "auto" else strategy,
-                               solver=sc.get("name", "ddim"), cfg_scale=sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
-                               guidance_channels=sc.get("guidance_channels", 3))
+        sampler = sampler_for(model, sc.get("name", "ddim"), int(sc.steps), guided, config.get("strategy", "auto"),
+                              eta=sc.get("eta", 0.0), guidance_channels=sc.get("guidance_channels", 3),
+                              cache_dtype=cache_dtype)
         masks = router_masks(model, router, thr, sampler.steps) if router else None
-        if len(jax.local_devices()) == 1:  # every graph of the schedule, compiled ahead and in parallel
-            sampler.compile(int(config.batch_size), masks)
-        share = computed_share(masks, sampler.steps, model.num_units)
         what = f"{sampler.steps} {sampler.solver.upper()} steps"
-        return sampler, masks, share, what, f"{sampler.steps} x {model.num_units}"
+        return sampler, masks, sampler.computed_share(masks), what, f"{sampler.steps} x {model.num_units}"
     if model.family == "uvit":
-        from l2c_jax.sampling.uvit import UViTSampler
-
         name = sc.get("name", "dpm_solver2")
-        sampler = UViTSampler(model, int(sc.steps), cfg_scale=sc.get("cfg_scale"), solver=name,
-                              skip_type=sc.get("skip_type", "time_uniform"), batch_cfg=sc.get("batch_cfg", True))
+        sampler = sampler_for(model, name, int(sc.steps), guided, skip_type=sc.get("skip_type", "time_uniform"),
+                              batch_cfg=sc.get("batch_cfg", True), cache_dtype=cache_dtype)
         # The router has NFE rows; its masks cover the first evaluation of each solver step.
         masks = router_masks(model, router, thr, sampler.nfe) if router else None
         if masks is not None and masks.shape[0] != sampler.num_steps:
             raise ConfigError(f"the router's masks cover {masks.shape[0]} solver steps, {name} with NFE "
                               f"{sampler.nfe} takes {sampler.num_steps}; uvit-dpm2 routers are for dpm_solver2")
-        # Share over every model evaluation: the masked first evaluations, all others full.
-        evals = sampler.nfe * model.num_units
-        cached = 0 if masks is None else int((~np.asarray(masks, bool)).sum())
-        share = 1.0 - cached / evals
         what = f"NFE {sampler.nfe} {name.upper()} ({sampler.num_steps} steps)"
-        return sampler, masks, share, what, f"{sampler.nfe} evaluations x {model.num_units}"
+        return sampler, masks, sampler.computed_share(masks), what, f"{sampler.nfe} evaluations x {model.num_units}"
     raise ConfigError(f"scripts/sample.py has no sampler for the {model.family} family")
 
 
 def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
-    model, router, vae = load_for_sampling(config)
-    sampler, masks, share, what, of_what = _make_sampler(model, router, config)
+    """Samples, decodes and writes the images a sampling config asks for.
 
+    Reports latency per batch, the computed share, and wall time and peak
+    memory per phase: load (model, router, VAE), compile (the step graphs;
+    for U-ViT, which compiles on first use, the first run of the first
+    batch), sample (every other sampling run) and decode.
+    """
+    from l2c_jax import compile_cache
+    from l2c_jax.memory import Phases
+
+    compile_cache.from_setting(config.get("compilation_cache_dir", "default"))
+    phases = Phases()
+    try:
+        with phases("load"):
+            model, router, vae = load_for_sampling(config)
+            made = _make_sampler(model, router, config)
+        return _sample_batches(config, workdir, report, model, router, vae, made, phases)
+    finally:
+        phases.close()
+
+
+def _sample_batches(config, workdir, report, model, router, vae, made, phases) -> dict:
+    from tqdm.auto import tqdm
+
+    from l2c_jax import parallel
+
+    sampler, masks, share, what, of_what = made
     cfg = model.config
     if model.family == "uvit" and not cfg.conditional:
         n = int(config.get("num_samples") or len(config.get("labels") or ()))
@@ -127,40 +132,44 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
         n = len(labels)
     bs = int(config.batch_size)
     rng = jax.random.key(config.seed)
-    shard = _data_sharding(bs)
     workdir = workdir or config.get("workdir") or "."
     os.makedirs(workdir, exist_ok=True)
+    scale = config.sampler.get("cfg_scale")
+    is_dit = model.family == "dit"
+    aot = is_dit and hasattr(sampler, "compile") and len(jax.devices()) == 1
+    if aot:  # every graph of the schedule, compiled ahead and in parallel
+        with phases("compile"):
+            sampler.compile(bs, masks)
 
     outs, times = [], []
     n_batches = -(-n // bs)
-    from tqdm.auto import tqdm
-
+    first = True
     for b in tqdm(range(n_batches), desc="batches", disable=n_batches < 2):
         count = min(bs, n - b * bs)
         rng, k_noise, k_step = jax.random.split(rng, 3)
-        noise = jax.random.normal(k_noise, (bs, cfg.input_size, cfg.input_size, cfg.in_channels))
+        noise = parallel.shard_batch(jax.random.normal(k_noise, (bs, cfg.input_size, cfg.input_size,
+                                                                 cfg.in_channels)))
         # pad the last batch so every batch compiles to one shape
         yb = None if labels is None else np.resize(labels[b * bs:(b + 1) * bs], bs)
-        if shard is not None:
-            noise = jax.device_put(noise, shard)
-        if model.family == "dit":
+        if is_dit:
             key = k_step if (sampler.solver == "ddpm" or sampler.eta > 0) else None
-            run = lambda: sampler(noise, yb, masks, key=key)  # noqa: E731
+            run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale)  # noqa: E731
         else:
-            run = lambda: sampler(noise, yb, masks=masks)  # noqa: E731
+            run = lambda: sampler(noise, yb, masks=masks, cfg_scale=scale)  # noqa: E731
         runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
         for r in range(runs):
-            t0 = time.perf_counter()
-            lat = run()
-            lat.block_until_ready()
-            dt = time.perf_counter() - t0
+            with phases("sample" if aot or not first else "compile"):
+                t0 = time.perf_counter()
+                lat = run()
+                lat.block_until_ready()
+                dt = time.perf_counter() - t0
             if not (b == 0 and r == 0 and runs > 1):  # the very first run includes compilation
                 times.append(dt)
-        if vae is not None:
-            imgs = vae.decode(lat / config.vae.get("scale", 0.18215))
-        else:
-            imgs = lat
-        outs.append(imio.to_uint8(np.asarray(imgs))[:count])
+            first = False
+        with phases("decode"):
+            imgs = vae.decode(lat / config.vae.get("scale", 0.18215)) if vae is not None else lat
+            outs.append(imio.to_uint8(np.asarray(imgs))[:count])
+        del lat, imgs
     images = np.concatenate(outs)
 
     grid_path = os.path.join(workdir, config.get("grid", "samples.png"))
@@ -172,15 +181,21 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
         imio.save_npz(npz_path, images)
 
     t = np.asarray(times)
-    steps = sampler.steps if model.family == "dit" else sampler.nfe
+    steps = sampler.steps if is_dit else sampler.nfe
     result = dict(latency_mean=float(t.mean()), latency_std=float(t.std()), computed_share=share,
                   num_images=int(len(images)), grid=grid_path, npz=npz_path, batch_size=bs,
-                  steps=steps, router=bool(router))
+                  steps=steps, router=bool(router), phases=phases.summary())
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(result, f, indent=2)
     report(f"sampled {len(images)} images, {what}{' + L2C' if router else ''}, batch {bs}: "
            f"{t.mean():.3f}±{t.std():.3f} s per batch "
            f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
     report(f"sub-layers computed: {share * 100:.2f}% of {of_what}")
     report(f"wrote {grid_path}" + (f" and {npz_path}" if npz_path else ""))
+    report("phases (wall time, peak resident memory)" + ("" if aot else "; compile = first run, with compilation")
+           + ":")
+    for line in phases.lines():
+        report("  " + line)
     return result
 
 
@@ -205,7 +220,7 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
     full sampler (PSNR), and writes a side-by-side PNG.
     """
     from l2c_jax.eval.fid import psnr
-    from l2c_jax.sampling import DiTSampler, computed_share, router_masks
+    from l2c_jax.sampling import is_guided, computed_share, router_masks, sampler_for
 
     model, router, _ = load_for_sampling(config)
     if router is None:
@@ -213,7 +228,10 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
     sc = config.sampler
     steps = int(sc.steps)
     gc = sc.get("guidance_channels", 3)
-    full = DiTSampler(model, steps, sc.get("name", "ddim"), sc.get("cfg_scale"), guidance_channels=gc)
+    guided = is_guided(model.family, sc.get("cfg_scale"))
+    scale = sc.get("cfg_scale") if guided else None
+    full = functools.partial(sampler_for(model, sc.get("name", "ddim"), steps, guided, "static",
+                                         guidance_channels=gc), cfg_scale=scale)
     masks = router_masks(model, router, config.router.get("threshold"), steps)
     n = int(config.eval.num_samples)
     cfg = model.config
@@ -225,7 +243,8 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
     x_l2c, t_l2c, s_l2c = _timed(lambda: full(noise, y, masks), reps)
     # The honest baseline: plain DDIM given the time L2C takes.
     k = max(2, int(round(steps * t_l2c / t_full)))
-    fewer = DiTSampler(model, k, sc.get("name", "ddim"), sc.get("cfg_scale"), guidance_channels=gc)
+    fewer = functools.partial(sampler_for(model, sc.get("name", "ddim"), k, guided, "static", guidance_channels=gc),
+                              cfg_scale=scale)
     x_few, t_few, s_few = _timed(lambda: fewer(noise, y), reps)
 
     feats = None
@@ -260,4 +279,18 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
     if feats is not None:
         report(f"FID: features of the project's digit classifier ({feats.accuracy * 100:.1f}% held-out accuracy) "
                f"against all 1797 digits")
+    narrow = config.get("compare_cache_dtype")
+    if narrow:  # what a narrower feature cache costs: the same L2C run, only the carried cache rounded
+        lean = sampler_for(model, sc.get("name", "ddim"), steps, guided, "static", guidance_channels=gc,
+                           cache_dtype=narrow)
+        x_lean = np.clip(np.asarray(lean(noise, y, masks, cfg_scale=scale)), -1, 1)
+        l2c_imgs = np.clip(np.asarray(x_l2c), -1, 1)
+        rows.append(dict(method=f"DDIM {steps} + L2C, {narrow} cache", nfe=steps, computed=rows[1]["computed"],
+                         fid=feats.fid_to_data(x_lean) if feats else None,
+                         psnr_to_full=psnr(x_lean, np.clip(np.asarray(x_full), -1, 1)),
+                         psnr_to_float32_cache=psnr(x_lean, l2c_imgs)))
+        r = rows[-1]
+        report(f"{narrow} feature cache: PSNR {r['psnr_to_float32_cache']:.1f} dB to the float32-cache L2C images, "
+               f"{r['psnr_to_full']:.1f} dB to full DDIM {steps}"
+               + (f", FID {r['fid']:.2f}" if r["fid"] is not None else ""))
     return rows

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.memory import device_peak_bytes, maxrss_bytes
 
 # Dense (no sparsity) peak TFLOP/s per chip, from the vendors' datasheets.
 # Matched against `jax.Device.device_kind` in order: the first substring that occurs wins.
@@ -177,5 +178,5 @@ def run_forward_benchmark(config, report: Callable = print, argv=None) -> dict:
                              forward_over_matmul=tflops / rate)
         report(f"matmul chain {m}x{cfg.hidden_size}x{int(cfg.hidden_size * cfg.mlp_ratio)} in {dtype}: "
                f"{rate:.2f} TFLOP/s; the forward runs at {tflops / rate * 100:.1f}% of it")
-    row["memory"] = dict(maxrss_bytes=bm._maxrss_bytes(), device_peak_bytes=bm._device_peak_bytes())
+    row["memory"] = dict(maxrss_bytes=maxrss_bytes(), device_peak_bytes=device_peak_bytes())
     return bm._write_row(config, row, report)

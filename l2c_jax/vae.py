@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from l2c_jax import checkpoint
+from l2c_jax import checkpoint, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params
 
@@ -52,7 +52,7 @@ class VAE:
     def __init__(self, config: VAEConfig, params: Any, dtype=jnp.float32,
                  chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE):
         self.config = config
-        self.params = jax.tree.map(jnp.asarray, params)
+        self.params = parallel.place(params)  # once on the devices; restored trees already are
         self.dtype = dtype
         self.chunk_size = chunk_size
         self.module = AutoencoderKL(config, dtype=dtype)
@@ -98,8 +98,9 @@ class VAE:
         """mean + exp(logvar / 2) * N(0, 1), with an explicit PRNG key."""
         return _sample_posterior(mean, logvar, key)
 
-    def save(self, directory: str, **extra) -> None:
-        checkpoint.write_model_dir(directory, FAMILY, self.config.to_dict(), self.params, **extra)
+    def save(self, directory: str, overwrite: bool = False, **extra) -> None:
+        checkpoint.write_model_dir(directory, FAMILY, self.config.to_dict(), self.params, overwrite=overwrite,
+                                   **extra)
 
 
 def load_vae(directory: str, dtype=jnp.float32, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE) -> VAE:

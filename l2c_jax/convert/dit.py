@@ -74,7 +74,7 @@ def convert_dit(checkpoint: str, model: Optional[str] = None, num_heads: Optiona
     _ensure_registered()
     sd = strip_prefix(select_state_dict(load_checkpoint_file(checkpoint), checkpoint))
     config = infer_dit_config(sd, checkpoint, model, num_heads, num_classes)
-    params = torch_to_flax(sd, abstract_params("dit", config), source=checkpoint)
+    params = torch_to_flax(sd, abstract_params("dit", config), source=checkpoint, consume=True)
     return Model("dit", config, params)
 
 

@@ -76,20 +76,25 @@ def _summarise(keys, n=6):
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping, *, source: str = "checkpoint",
-                  dtype=np.float32) -> dict:
+                  dtype=np.float32, consume: bool = False) -> dict:
     """Maps `state_dict` onto the structure of `expected_params`.
 
     `expected_params` is the Flax `params` tree (arrays or ShapeDtypeStructs,
     e.g. from `jax.eval_shape(module.init, ...)`). Returns a nested dict of
     NumPy arrays with exactly that structure, or raises `CheckpointError`
     naming every missing, unexpected and mis-shaped key.
+    consume: pop each entry of `state_dict` (a dict) as it is converted, so a
+    converter holding the only reference needs the weights' memory about once,
+    not twice (the source tensor is freed as its converted copy is made).
     """
     expected = _flatten(expected_params)
     got: dict = {}
     unexpected, misshaped = [], []
-    for key, value in state_dict.items():
+    for key in list(state_dict.keys()):
+        value = state_dict.pop(key) if consume else state_dict[key]
         mods, leaf = _flax_module_path(key)
         value = np.asarray(value)
+        shape = value.shape
         if leaf == "weight":
             cands = [mods + (n,) for n in ("kernel", "embedding", "scale") if mods + (n,) in expected]
             if not cands:
@@ -108,9 +113,12 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping
                 continue
         want = tuple(expected[path].shape)
         if tuple(value.shape) != want:
-            misshaped.append(f"{key} {tuple(np.asarray(state_dict[key]).shape)} (expected {_torch_shape(path, want)})")
+            misshaped.append(f"{key} {tuple(shape)} (expected {_torch_shape(path, want)})")
             continue
-        got[path] = value.astype(dtype)
+        # A fresh C-ordered array: it owns its memory (the source may be freed) and placing it on
+        # the CPU aliases it instead of copying.
+        got[path] = np.array(value, dtype=dtype, order="C", copy=True)
+        del value
     missing = [flax_to_torch_name(p) for p in expected if p not in got and not any(
         flax_to_torch_name(p) == m.split(" ")[0] for m in misshaped)]
     problems = mismatch_report(missing, unexpected, misshaped)

@@ -88,7 +88,7 @@ def convert_uvit(checkpoint: str, model: Optional[str] = None, num_heads: Option
     _ensure_registered()
     sd = strip_prefix(select_state_dict(load_checkpoint_file(checkpoint), checkpoint))
     config = infer_uvit_config(sd, checkpoint, model, num_heads)
-    params = torch_to_flax(sd, abstract_params("uvit", config), source=checkpoint)
+    params = torch_to_flax(sd, abstract_params("uvit", config), source=checkpoint, consume=True)
     return Model("uvit", config, params)
 
 

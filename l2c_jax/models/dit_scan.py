@@ -30,51 +30,22 @@ scan forward accepts either form and returns the stacked array.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2c_jax.compile_cache import enable_compilation_cache  # noqa: F401  (its old home)
 from l2c_jax.errors import ConfigError
 from l2c_jax.models.dit import DiTConfig, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
 from l2c_jax.models.layers import Attention, Mlp, layer_norm
 from l2c_jax.sampling.dit import DiTSampler
 
 STRATEGIES = ("static", "scan", "cond")
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "l2c_jax", "xla")
-
-
-# --------------------------------------------------------------------------- persistent compilation cache
-def enable_compilation_cache(cache_dir: Optional[str] = None) -> Optional[str]:
-    """Turns on JAX's persistent compilation cache for every executable (returns the directory).
-
-    cache_dir: None -> $L2C_JAX_CACHE_DIR or ~/.cache/l2c_jax/xla; "" -> leave it off.
-    Every entry is cached (min compile time 0 s, any size), so a second
-    process loads the step graphs instead of compiling them.
-    """
-    if cache_dir is None:
-        cache_dir = os.environ.get("L2C_JAX_CACHE_DIR", DEFAULT_CACHE_DIR)
-    if not cache_dir:
-        return None
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    os.makedirs(cache_dir, exist_ok=True)
-    current = jax.config.jax_compilation_cache_dir
-    if current and os.path.abspath(current) != cache_dir:
-        # The cache object is created once per process; point it at the new directory.
-        try:
-            from jax._src import compilation_cache as _cc
-            _cc.reset_cache()
-        except Exception:  # pragma: no cover - private API moved: the old directory stays in use
-            pass
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return cache_dir
 
 
 # --------------------------------------------------------------------------- parameters and cache layout
@@ -102,6 +73,9 @@ def split_block_params(params, depth: int, stack: bool = True):
         else:
             out = {name: [b[name] for b in bs] for name in bs[0] if name != "adaLN_modulation_1"}
         ada = [b["adaLN_modulation_1"] for b in bs]
+        if not stack:  # the blocks' own adaLN weights: a concatenated copy costs 0.9 GB at XL size
+            out["adaLN_modulation_1"] = ada
+            return out
         out["adaLN_modulation_1"] = dict(kernel=jnp.concatenate([a["kernel"] for a in ada], axis=-1),
                                          bias=jnp.concatenate([a["bias"] for a in ada], axis=-1))
         return out
@@ -186,9 +160,14 @@ def scan_apply(config: DiTConfig, params, x, t, y, cache=None, mask=None, beta=N
 
     attn_mod = Attention(hidden, cfg.num_heads, qkv_bias=True, dtype=dtype)
     mlp_mod = Mlp(int(hidden * cfg.mlp_ratio), hidden, approximate_gelu=True, dtype=dtype)
-    # adaLN of every block in one matmul (weights concatenated by `split_block_params`).
-    mods = nn.Dense(depth * 6 * hidden, dtype=dtype).apply({"params": blocks["adaLN_modulation_1"]}, nn.silu(c))
-    mods = mods.reshape(b, depth, 6 * hidden).transpose(1, 0, 2)
+    if isinstance(blocks["adaLN_modulation_1"], (list, tuple)):  # "cond": each block's own weights
+        ada = nn.Dense(6 * hidden, dtype=dtype)
+        mods = jnp.stack([ada.apply({"params": w}, nn.silu(c)) for w in blocks["adaLN_modulation_1"]])
+    else:
+        # adaLN of every block in one matmul (weights concatenated by `split_block_params`).
+        mods = nn.Dense(depth * 6 * hidden, dtype=dtype).apply({"params": blocks["adaLN_modulation_1"]},
+                                                               nn.silu(c))
+        mods = mods.reshape(b, depth, 6 * hidden).transpose(1, 0, 2)
 
     def unit(flag, compute, cached, bval):
         def run(_):
@@ -280,7 +259,10 @@ class ScanModel:
 
 # --------------------------------------------------------------------------- samplers
 def _abstract(tree):
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    # The placed weights' sharding is part of the compiled signature.
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if isinstance(a, jax.Array) else None),
+        tree)
 
 
 class _AOTMixin:
@@ -308,6 +290,9 @@ class _AOTMixin:
         x = jax.ShapeDtypeStruct((rows, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
         y = jax.ShapeDtypeStruct((rows,), jnp.int32)
         return x, y
+
+    def _scale_abstract(self):
+        return None if self.cfg_scale is None else jax.ShapeDtypeStruct((), jnp.float32)
 
     def step_keys(self, masks=None) -> list:
         """The distinct compiled graphs sampling with `masks` runs, in first-use order."""
@@ -371,19 +356,20 @@ class StaticDiTSampler(_AOTMixin, DiTSampler):
         cache = None
         if has_cache:
             cfg = self.model.config
-            unit = jax.ShapeDtypeStruct((x.shape[0], _tokens(cfg), cfg.hidden_size), self.model.dtype)
+            unit = jax.ShapeDtypeStruct((x.shape[0], _tokens(cfg), cfg.hidden_size),
+                                        self.cache_dtype or self.model.dtype)
             cache = (unit,) * cfg.num_units
         return super().step_fn(mask, keep).lower(_abstract(self.model.params), x, cache,
-                                                 jax.ShapeDtypeStruct((), jnp.int32), y, None)
+                                                 jax.ShapeDtypeStruct((), jnp.int32), y, None, self._scale_abstract())
 
     def step_fn(self, mask, keep_cache: bool):
         jitted = super().step_fn(mask, keep_cache)
 
-        def run(params, x, cache, i, y, noise):
+        def run(params, x, cache, i, y, noise, cfg_scale):
             exe = self._aot.get(((mask, keep_cache, cache is not None), self._rows(x)))
             if exe is not None and noise is None:
-                return exe(params, x, cache, i, y, None)
-            return jitted(params, x, cache, i, y, noise)
+                return exe(params, x, cache, i, y, None, cfg_scale)
+            return jitted(params, x, cache, i, y, noise, cfg_scale)
 
         return run
 
@@ -404,10 +390,12 @@ class ScanDiTSampler(_AOTMixin, DiTSampler):
     def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
                  eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
                  noise_schedule: str = "linear", dtype=None, unroll: int = 1, cast_params: bool = False,
-                 stacked: bool = True):
+                 stacked: bool = True, cache_dtype=None):
         self.strategy = "scan" if stacked else "cond"
+        if hasattr(model, "on_devices"):
+            model.on_devices()
         super().__init__(ScanModel(model, dtype=dtype, unroll=unroll, cast_params=cast_params, stacked=stacked),
-                         steps, solver, cfg_scale, eta, respacing, guidance_channels, noise_schedule)
+                         steps, solver, cfg_scale, eta, respacing, guidance_channels, noise_schedule, cache_dtype)
         self._aot_init()
         self._mask_arrays = {}
 
@@ -433,23 +421,24 @@ class ScanDiTSampler(_AOTMixin, DiTSampler):
 
     def _lower(self, key, batch):
         x, y = self._batch_shapes(batch)
-        cache = jax.ShapeDtypeStruct(self._cache_shape(x.shape[0]), self.model.dtype)
+        cache = jax.ShapeDtypeStruct(self._cache_shape(x.shape[0]), self.cache_dtype or self.model.dtype)
         return DiTSampler.step_fn(self, None, True).lower(self._bundle_abstract(), x, cache,
-                                                         jax.ShapeDtypeStruct((), jnp.int32), y, None)
+                                                         jax.ShapeDtypeStruct((), jnp.int32), y, None,
+                                                         self._scale_abstract())
 
     def step_fn(self, mask, keep_cache: bool):
         # One graph for every mask; the cache is always carried (the next step may reuse it).
         jitted = DiTSampler.step_fn(self, None, True)
         marr = self._mask_array(mask)
 
-        def run(params, x, cache, i, y, noise):
+        def run(params, x, cache, i, y, noise, cfg_scale):
             if cache is None:
-                cache = jnp.zeros(self._cache_shape(x.shape[0]), self.model.dtype)
+                cache = jnp.zeros(self._cache_shape(x.shape[0]), self.cache_dtype or self.model.dtype)
             bundle = dict(params, mask=marr)
             exe = self._aot.get(("scan", self._rows(x)))
             if exe is not None and noise is None:
-                return exe(bundle, x, cache, i, y, None)
-            return jitted(bundle, x, cache, i, y, noise)
+                return exe(bundle, x, cache, i, y, None, cfg_scale)
+            return jitted(bundle, x, cache, i, y, noise, cfg_scale)
 
         return run
 

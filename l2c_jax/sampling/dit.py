@@ -5,7 +5,12 @@ noise). The cache mask of a step is static, so every distinct mask compiles
 once (kept in `DiTSampler._compiled`) and a reused sub-layer is absent from
 that step's graph. The feature cache is an explicit pytree carried from one
 step to the next; a step whose successor reuses nothing does not return it,
-so XLA need not keep those activations alive.
+so XLA need not keep those activations alive. The latents and the cache are
+donated to each step (their buffers are reused for the step's outputs), so
+memory stays flat however many steps run; `cache_dtype` (e.g. bfloat16) keeps
+the carried cache narrower than the computation. The guidance scale is an
+argument of the compiled step, not a constant in it: changing it compiles
+nothing.
 """
 
 from __future__ import annotations
@@ -28,19 +33,22 @@ class DiTSampler:
     solver: "ddim" (eta 0 by default, deterministic given the noise) or "ddpm"
     (ancestral, needs a PRNG key). cfg_scale: None or 1.0 samples without
     guidance; otherwise the batch is doubled as [cond | null class] and guided
-    as the original's `forward_with_cfg` (first `guidance_channels` channels).
+    as the original's `forward_with_cfg` (first `guidance_channels` channels);
+    the scale given here is the default of `__call__`, which may pass another.
+    cache_dtype: dtype of the feature cache carried between steps (None: the
+    model's computation dtype); reused values are cast back before use.
     """
 
     def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
                  eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
-                 noise_schedule: str = "linear"):
+                 noise_schedule: str = "linear", cache_dtype=None):
         if model.family != "dit":
             raise ConfigError(f"DiTSampler needs a DiT model, got {model.family}")
         if solver not in ("ddim", "ddpm"):
             raise ConfigError(f"unknown DiT solver {solver!r}; use 'ddim' or 'ddpm'")
         if steps < 1:
             raise ConfigError(f"steps must be positive, got {steps}")
-        self.model = model
+        self.model = model.on_devices() if hasattr(model, "on_devices") else model
         self.solver = solver
         self.cfg_scale = None if cfg_scale is None or float(cfg_scale) == 1.0 else float(cfg_scale)
         self.eta = float(eta)
@@ -49,27 +57,34 @@ class DiTSampler:
         self.diffusion = create_diffusion(respacing or str(steps), noise_schedule=noise_schedule,
                                           learn_sigma=model.config.learn_sigma)
         self.steps = self.diffusion.num_timesteps
+        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
         self._compiled = {}
 
     # ------------------------------------------------------------------ steps
-    def _step(self, params, x, cache, i, y, noise, *, mask, keep_cache):
+    def _step(self, params, x, cache, i, y, noise, cfg_scale, *, mask, keep_cache):
         t = jnp.broadcast_to(self.diffusion.model_timesteps(i), (x.shape[0],))
-        if self.cfg_scale is None:
+        cache = cast_cache(cache, self.model.dtype if self.cache_dtype is not None else None)
+        if cfg_scale is None:
             out, new_cache = self.model.apply(params, x, t, y, cache, mask)
         else:
-            out, new_cache = self.model.apply_cfg(params, x, t, y, self.cfg_scale, cache, mask,
+            out, new_cache = self.model.apply_cfg(params, x, t, y, cfg_scale, cache, mask,
                                                   guidance_channels=self.guidance_channels)
         if self.solver == "ddim":
             x = self.diffusion.ddim_step(out, x, i, eta=self.eta, noise=noise)
         else:
             x = self.diffusion.ddpm_step(out, x, i, noise)
-        return x, (new_cache if keep_cache else None)
+        return x, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None)
 
     def step_fn(self, mask, keep_cache: bool):
-        """The jitted step for one static mask (compiled on first use, then reused)."""
+        """The jitted step for one static mask (compiled on first use, then reused).
+
+        Call it as `fn(params, x, cache, i, y, noise, cfg_scale)`; x (and a passed-on cache) are donated.
+        """
         key = (mask, keep_cache)
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep_cache))
+            # x always, and the incoming cache where the step passes one on, give their buffers to the outputs.
+            self._compiled[key] = jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep_cache),
+                                          donate_argnums=(1, 2) if keep_cache else (1,))
         return self._compiled[key]
 
     def schedule(self, masks=None) -> list:
@@ -86,8 +101,20 @@ class DiTSampler:
         return out
 
     # ------------------------------------------------------------------ loop
-    def __call__(self, noise, y, masks=None, key=None, progress: bool = False):
-        """noise (B,H,W,C) float32, y (B,) int labels -> latents (B,H,W,C)."""
+    def computed_share(self, masks=None) -> float:
+        """Share of sub-layer evaluations the schedule computes (1.0 without a cache)."""
+        return computed_share(masks, self.steps, self.model.num_units)
+
+    def __call__(self, noise, y, masks=None, key=None, progress: bool = False, cfg_scale="default",
+                 max_steps: int = 0):
+        """noise (B,H,W,C) float32, y (B,) int labels -> latents (B,H,W,C).
+
+        cfg_scale: the guidance scale of this call (default: the constructor's).
+        A sampler built without guidance samples without it; one built with
+        guidance takes any scale, without compiling anything new.
+        max_steps: run only the first `max_steps` steps (benchmarks time a prefix).
+        """
+        scale = call_scale(self.cfg_scale, cfg_scale, off_value=1.0)
         noise = jnp.asarray(noise, jnp.float32)
         y = jnp.asarray(y, jnp.int32)
         cfg = self.model.config
@@ -104,13 +131,15 @@ class DiTSampler:
             if key is None:
                 raise ConfigError(f"{self.solver} with eta={self.eta} draws noise: pass a PRNG key")
         b = noise.shape[0]
-        x = noise
+        x = jnp.array(noise, copy=True)  # the steps donate x: never hand them the caller's array
         if self.cfg_scale is not None:
             x = jnp.concatenate([noise, noise], 0)
             y = jnp.concatenate([y, jnp.full_like(y, cfg.null_class)], 0)
         schedule = self.schedule(masks)
         cache = None
         indices = self.diffusion.sampling_indices()
+        if max_steps and max_steps < len(indices):
+            schedule, indices = schedule[:max_steps], indices[:max_steps]
         it = enumerate(indices)
         if progress:
             from tqdm.auto import tqdm
@@ -121,8 +150,31 @@ class DiTSampler:
             if key is not None:
                 key, sub = jax.random.split(key)
                 step_noise = jax.random.normal(sub, x.shape, x.dtype)
-            x, cache = self.step_fn(schedule[s], keep)(self.model.params, x, cache, jnp.int32(i), y, step_noise)
+            x, cache = self.step_fn(schedule[s], keep)(self.model.params, x, cache, jnp.int32(i), y, step_noise,
+                                                       None if scale is None else jnp.float32(scale))
         return x[:b]
+
+
+def call_scale(built, given, off_value: float):
+    """One call's guidance scale: `given` ("default": the sampler's own `built`), None when guidance is off.
+
+    Guidance on or off changes the graph (the batch doubles), so a sampler built
+    one way refuses the other; any scale of the same kind is only an argument.
+    """
+    if isinstance(given, str) and given == "default":
+        return built
+    off = given is None or float(given) == off_value
+    if off != (built is None):
+        raise ConfigError("this sampler was built " + ("without" if built is None else "with")
+                          + f" classifier-free guidance; build another for cfg_scale={given!r}")
+    return None if off else float(given)
+
+
+def cast_cache(cache, dtype):
+    """The feature cache (a pytree, or None) in `dtype` (None: unchanged)."""
+    if cache is None or dtype is None:
+        return cache
+    return jax.tree.map(lambda a: a.astype(dtype), cache)
 
 
 def computed_share(masks: Optional[Sequence], steps: int, num_units: int) -> float:

@@ -15,6 +15,12 @@ does, and this module reproduces:
   router row of the step's start time). All other evaluations, and step 0,
   are full. Conditional and unconditional branches keep their own cache.
 
+A schedule can also be given per model evaluation (NFE rows, in evaluation
+order, `evaluation_masks`): evaluation e reuses what evaluation e-1 left in
+the cache. A router's per-step schedule expands to that form (its rows at the
+first evaluation of each solver step, every other evaluation full), which is
+exactly the rule above.
+
 The solver loop and its arithmetic stay in Python (a few small ops per
 step); every model evaluation is one call of a jitted function whose cache
 mask is static. Each distinct mask compiles once (kept in
@@ -24,6 +30,9 @@ carried between evaluations, returned only when the next step reuses it. By
 default the conditional and unconditional branches run as one batch
 [cond | uncond] (each sample's cache rows are its own, so the branches keep
 separate caches); `batch_cfg=False` runs them as two calls like the original.
+The guidance scale is an argument of the compiled evaluation (changing it
+compiles nothing); the carried cache is donated to the evaluation that reuses
+it and may be kept in a narrower `cache_dtype`.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from l2c_jax.diffusion.dpm_solver import DPMSolver
 from l2c_jax.diffusion.vp import DiscreteVPSchedule
 from l2c_jax.errors import ConfigError
 from l2c_jax.models.cache import check_mask
+from l2c_jax.sampling.dit import call_scale, cast_cache
 
 # solver name -> (method, order)
 SOLVERS = {
@@ -71,10 +81,10 @@ class UViTSampler:
     def __init__(self, model, steps: int, cfg_scale: Optional[float] = None, solver: str = "dpm_solver2",
                  skip_type: str = "time_uniform", schedule: Optional[DiscreteVPSchedule] = None,
                  t_start: Optional[float] = None, t_end: Optional[float] = None, batch_cfg: bool = True,
-                 solver_type: str = "dpm_solver"):
+                 solver_type: str = "dpm_solver", cache_dtype=None):
         if model.family != "uvit":
             raise ConfigError(f"UViTSampler needs a U-ViT model, got {model.family}")
-        self.model = model
+        self.model = model.on_devices()
         self.method, self.order = parse_solver(solver)
         self.schedule = schedule if schedule is not None else DiscreteVPSchedule.stable_diffusion()
         self.solver = DPMSolver(self.schedule, predict_x0=True, solver_type=solver_type)
@@ -87,6 +97,7 @@ class UViTSampler:
                               "U-ViT; this one is unconditional")
         self.cfg_scale = scale
         self.batch_cfg = bool(batch_cfg)
+        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
         self._compiled = {}
 
     @property
@@ -99,11 +110,12 @@ class UViTSampler:
         return np.array([st.s for st in self.plan] + [self.plan[-1].t], dtype=np.float32)
 
     # ------------------------------------------------------------------ one guided evaluation
-    def _eval(self, params, x, t, y, cache, *, mask, keep_cache, record):
+    def _eval(self, params, x, t, y, cache, cfg_scale, *, mask, keep_cache, record):
         """Guided noise prediction at continuous time t (scalar), the new cache if kept, the calls if recorded."""
         b = x.shape[0]
         tm = jnp.broadcast_to(self.schedule.model_time(t), (b,))
-        if self.cfg_scale is None:
+        cache = cast_cache(cache, self.model.dtype if self.cache_dtype is not None else None)
+        if cfg_scale is None:
             out, new_cache = self.model.apply(params, x, tm, y, cache, mask)
             calls = ((x, tm, y, out),)
             eps = out
@@ -119,8 +131,8 @@ class UViTSampler:
                 uncond, new_u = self.model.apply(params, x, tm, null, cache_u, mask)
                 new_cache = (new_c, new_u)
             calls = ((x, tm, y, cond), (x, tm, null, uncond))
-            eps = cond + self.cfg_scale * (cond - uncond)
-        return eps, (new_cache if keep_cache else None), (calls if record else None)
+            eps = cond + cfg_scale * (cond - uncond)
+        return eps, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None), (calls if record else None)
 
     def eval_fn(self, mask, keep_cache: bool, record: bool = False):
         """The jitted guided evaluation for one static mask (compiled on first use, then reused).
@@ -130,22 +142,47 @@ class UViTSampler:
         """
         key = (mask, keep_cache, record)
         if key not in self._compiled:
+            # An evaluation that passes the cache on takes over the incoming cache's buffers.
             self._compiled[key] = jax.jit(functools.partial(self._eval, mask=mask, keep_cache=keep_cache,
-                                                            record=record))
+                                                            record=record), donate_argnums=(4,) if keep_cache else ())
         return self._compiled[key]
 
-    def schedule_masks(self, masks=None) -> list:
-        """Normalised per-step masks (None = compute everything) in sampling order."""
+    def evaluation_masks(self, masks=None) -> np.ndarray:
+        """The schedule as (NFE, 2*num_blocks) bools, one row per model evaluation in order.
+
+        masks: None (all True), NFE rows (already per evaluation), or one row per
+        solver step (`num_steps` rows, the router form: row k is the mask of the
+        first evaluation of step k, every other evaluation computes all). Where
+        the two counts coincide (one evaluation per step) both readings agree.
+        """
+        n, units = self.nfe, self.model.num_units
         if masks is None:
-            return [None] * self.num_steps
+            return np.ones((n, units), bool)
         masks = np.asarray(masks, dtype=bool)
-        if masks.shape != (self.num_steps, self.model.num_units):
-            raise ConfigError(f"cache masks have shape {masks.shape}, the sampler needs "
-                              f"({self.num_steps}, {self.model.num_units}) (solver steps, sub-layers)")
-        out = [check_mask(m, self.model.num_units) for m in masks]
-        if out[0] is not None:
-            raise ConfigError("the first solver step must compute every sub-layer (there is no cache yet)")
+        if masks.ndim != 2 or masks.shape[1] != units or masks.shape[0] not in (n, self.num_steps):
+            raise ConfigError(f"cache masks have shape {masks.shape}, the sampler needs ({n}, {units}) "
+                              f"(model evaluations, sub-layers) or ({self.num_steps}, {units}) (solver steps)")
+        if masks.shape[0] == n:
+            return masks
+        out = np.ones((n, units), bool)
+        out[self._first_evaluations()] = masks
         return out
+
+    def _first_evaluations(self) -> np.ndarray:
+        orders = [st.order if self.method == "singlestep" else 1 for st in self.plan]
+        return np.concatenate([[0], np.cumsum(orders)[:-1]]).astype(int)
+
+    def schedule_masks(self, masks=None) -> list:
+        """Normalised per-evaluation masks (None = compute everything) in evaluation order."""
+        out = [check_mask(m, self.model.num_units) for m in self.evaluation_masks(masks)]
+        if out[0] is not None:
+            raise ConfigError("the first solver step must compute every sub-layer in its first model evaluation "
+                              "(there is no cache yet)")
+        return out
+
+    def computed_share(self, masks=None) -> float:
+        """Computed unit evaluations / (NFE x 2*num_blocks), per guidance branch."""
+        return float(self.evaluation_masks(masks).mean())
 
     # ------------------------------------------------------------------ loop
     def _check_inputs(self, noise, y):
@@ -169,43 +206,47 @@ class UViTSampler:
                               f"got {ylo}..{yhi}")
         return noise, y
 
-    def __call__(self, noise, y=None, masks=None, trace: Optional[List[dict]] = None, progress: bool = False):
+    def __call__(self, noise, y=None, masks=None, trace: Optional[List[dict]] = None, progress: bool = False,
+                 cfg_scale="default"):
         """noise (B,H,W,C) float32, y (B,) int labels (None if unconditional) -> latents (B,H,W,C).
 
-        masks: (num_steps, 2*num_blocks) bools, row k the mask of the first
-        evaluation of solver step k (row 0 all True), e.g. `Router.masks(thr)`.
+        masks: the cache schedule, per model evaluation (NFE rows) or per solver
+        step (`num_steps` rows, e.g. `Router.masks(thr)`); see `evaluation_masks`.
         trace: a list; every model call is appended to it in order (cond,
         then uncond) as a dict of NumPy arrays: x (B,H,W,C), t (B,) model
         time, y (B,) or None, out (B,H,W,C) the network's raw output.
+        cfg_scale: this call's guidance scale (default: the constructor's); a
+        sampler built with guidance takes any scale without compiling anything.
         """
+        scale = call_scale(self.cfg_scale, cfg_scale, off_value=0.0)
+        scale = None if scale is None else jnp.float32(scale)
         x, y = self._check_inputs(noise, y)
         schedule = self.schedule_masks(masks)
         record = trace is not None
         params = self.model.params
-        state = {"cache": None}
+        state = {"cache": None, "e": 0}
         prev, t_prev = None, None
         it = enumerate(self.plan)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, total=self.num_steps, desc="sampling", leave=False)
+
+        def model_fn(xx, tt, slot):
+            # Evaluation e reuses what evaluation e-1 left in the cache, and leaves
+            # its own cache only where evaluation e+1 reuses some sub-layer.
+            e = state["e"]
+            mask = schedule[e]
+            keep = e + 1 < len(schedule) and schedule[e + 1] is not None
+            cache_in, state["cache"] = (state["cache"] if mask is not None else None), None
+            eps, state["cache"], calls = self.eval_fn(mask, keep, record)(params, xx, tt, y, cache_in, scale)
+            state["e"] = e + 1
+            if record:
+                for cx, ct, cy, co in calls:
+                    trace.append({"x": np.asarray(cx), "t": np.asarray(ct),
+                                  "y": None if cy is None else np.asarray(cy), "out": np.asarray(co)})
+            return eps
+
         for k, st in it:
-            mask = schedule[k]
-            keep = k + 1 < self.num_steps and schedule[k + 1] is not None
-            last = st.order - 1 if self.method == "singlestep" else 0
-            cache_in = state["cache"] if mask is not None else None
-
-            def model_fn(xx, tt, slot, mask=mask, keep=keep, last=last, cache_in=cache_in):
-                # Only the step's first evaluation may reuse the cache; its last one refills it.
-                fn = self.eval_fn(mask if slot == 0 else None, keep and slot == last, record)
-                eps, new_cache, calls = fn(params, xx, tt, y, cache_in if slot == 0 else None)
-                if slot == last:
-                    state["cache"] = new_cache
-                if record:
-                    for cx, ct, cy, co in calls:
-                        trace.append({"x": np.asarray(cx), "t": np.asarray(ct),
-                                      "y": None if cy is None else np.asarray(cy), "out": np.asarray(co)})
-                return eps
-
             s, t = jnp.float32(st.s), jnp.float32(st.t)
             # The solver's arithmetic runs eagerly between the jitted evaluations,
             # so evaluations with the same mask share one compiled program
@@ -217,6 +258,8 @@ class UViTSampler:
                 models, times = ((prev, cur), (t_prev, s)) if st.order == 2 else ((cur,), (s,))
                 x = self.solver.multistep_update(x, models, times, t, st.order)
                 prev, t_prev = cur, s
+        if state["e"] != len(schedule):  # the plan and the solver disagree on the NFE: a bug, not bad input
+            raise AssertionError(f"ran {state['e']} model evaluations for a schedule of {len(schedule)}")
         return x
 
 

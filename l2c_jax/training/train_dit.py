@@ -41,8 +41,7 @@ def dit_initialization(params, key):
 def train_dit(config, workdir: str, report=print) -> dict:
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
+    from l2c_jax import parallel
     from l2c_jax.diffusion import create_diffusion
     from l2c_jax.model import Model
     from l2c_jax.models.dit import DiTConfig
@@ -64,7 +63,7 @@ def train_dit(config, workdir: str, report=print) -> dict:
     mesh = make_mesh()
     if tc.batch_size % mesh.devices.size:
         raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by {mesh.devices.size} devices")
-    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    data_sharding = parallel.batch_sharded(mesh)
 
     tx = optax.chain(optax.clip_by_global_norm(float(tc.get("grad_clip", 1e9))),
                      optax.adamw(float(tc.lr), weight_decay=float(tc.get("weight_decay", 0.0))))
@@ -80,7 +79,7 @@ def train_dit(config, workdir: str, report=print) -> dict:
         state = restored.state
         batches.restore(restored.data)
         report(f"resumed at step {int(state['step'])}")
-    state = jax.device_put(state, replicated)
+    state = parallel.place(state, mesh)
     base_key = jax.random.key(int(config.seed) + 7)
     decay = float(tc.ema_decay)
 
@@ -130,6 +129,7 @@ def train_dit(config, workdir: str, report=print) -> dict:
     mngr.close()
     writer.close()
     out = os.path.join(workdir, "model")
-    Model("dit", arch, jax.device_get(state["ema"])).save(out, source=f"train_dit step {step} (EMA)")
+    Model("dit", arch, jax.device_get(state["ema"])).save(out, overwrite=True,
+                                                            source=f"train_dit step {step} (EMA)")
     report(f"wrote {out}")
     return dict(history=history, model=out)

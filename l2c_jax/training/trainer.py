@@ -51,9 +51,10 @@ def _load_vae(config):
 
 
 def make_mesh():
-    from jax.sharding import Mesh
+    """The training mesh: `l2c_jax.parallel`'s `data` mesh over every device."""
+    from l2c_jax import parallel
 
-    return Mesh(np.array(jax.devices()), ("data",))
+    return parallel.make_mesh()
 
 
 def build_step(model, vae, config, diffusion, tx):
@@ -153,8 +154,7 @@ def train_router(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a router; returns final metrics and paths."""
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
+    from l2c_jax import parallel
     from l2c_jax.images import save_png
     from l2c_jax.router import Router, save_router
     from l2c_jax.training.data import Batches, make_source
@@ -175,8 +175,7 @@ def train_router(config, workdir: str, report=print) -> dict:
     n_dev = mesh.devices.size
     if tc.batch_size % n_dev:
         raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by {n_dev} devices")
-    data_sharding = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+    data_sharding = parallel.batch_sharded(mesh)
 
     source = make_source(config.data, int(config.data.image_size))
     batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=config.data.get("flip", True))
@@ -196,10 +195,10 @@ def train_router(config, workdir: str, report=print) -> dict:
         state = restored.state
         batches.restore(restored.data)
         report(f"resumed from {ckpt_dir} at step {int(state['step'])}")
-    state = jax.device_put(state, replicated)
-    params = jax.device_put(model.params, replicated)
+    state = parallel.place(state, mesh)
+    params = model.on_devices(mesh).params  # loaded models are placed already: no copy
     if vae is not None:
-        vae.params = jax.device_put(vae.params, replicated)
+        vae.params = parallel.place(vae.params, mesh)
 
     step_fn = build_step(model, vae, config, diffusion, tx)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

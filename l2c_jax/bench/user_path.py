@@ -1,0 +1,191 @@
+"""The user's path at full size, measured phase by phase: convert -> load -> compile -> sample -> decode.
+
+What a user of a released model runs, each step in a fresh process as they
+run it, with random weights written in the original PyTorch format (values do
+not change time or memory):
+
+1. `write` (setup, not measured): a DiT-XL/2 or U-ViT-H/2 state dict saved with
+   `torch.save` in the original naming, and the SD autoencoder in diffusers
+   (DiT) or LDM (U-ViT) naming.
+2. `convert`: `convert/dit.py` or `convert/uvit.py`, and `convert/vae.py`; wall
+   time and peak RSS of each process.
+3. `sample`: `scripts/sample.py` with the family's config, the converted
+   checkpoints and the released router; its own report gives wall time and
+   peak RSS per phase (load, compile, sample, decode), and the process's peak.
+
+The result is one JSON row; `report` prints a table. The peak of the
+sampling process is compared with the float32 weights of model + VAE.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, List
+
+import numpy as np
+
+from l2c_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FAMILIES = {
+    # family: (arch name, converter, model file, VAE naming, VAE file, sampling config)
+    "dit": ("DiT-XL/2", "convert/dit.py", "DiT-XL-2-256x256.pt", "diffusers", "diffusion_pytorch_model.safetensors",
+            "configs/dit_xl2_256_ddim20_l2c.py"),
+    "uvit": ("U-ViT-H/2", "convert/uvit.py", "imagenet256_uvit_huge.pth", "ldm", "autoencoder_kl_ema.pth",
+             "configs/uvit_h2_256_nfe20_l2c.py"),
+}
+
+
+def write_random_checkpoints(family: str, directory: str, seed: int = 0) -> dict:
+    """Random weights in the original formats (model + autoencoder); returns their paths. Skips existing files."""
+    import jax
+    import torch
+
+    from l2c_jax.convert.vae import vae_state_dict
+    from l2c_jax.model import Model
+    from l2c_jax.models.vae import VAEConfig, abstract_vae_params
+
+    arch, _, model_file, naming, vae_file, _ = FAMILIES[family]
+    os.makedirs(directory, exist_ok=True)
+    paths = dict(model=os.path.join(directory, model_file), vae=os.path.join(directory, vae_file))
+
+    def save_torch(sd, path):
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    if not os.path.exists(paths["model"]):
+        if family == "dit":
+            from l2c_jax.convert.dit import state_dict_of
+            from l2c_jax.models.dit import DiTConfig
+            model = Model.random("dit", DiTConfig.from_name(arch, input_size=32), seed)
+        else:
+            from l2c_jax.convert.uvit import state_dict_of
+            from l2c_jax.models.uvit import UViTConfig
+            model = Model.random("uvit", UViTConfig.from_name(arch), seed)
+        sd = state_dict_of(model.params)
+        del model
+        save_torch(sd, paths["model"])
+        del sd
+    if not os.path.exists(paths["vae"]):
+        cfg = VAEConfig()
+        abstract = abstract_vae_params(cfg)
+        leaves, tree = jax.tree.flatten(abstract)
+        rng = np.random.default_rng(seed)
+        params = jax.tree.unflatten(tree, [(rng.standard_normal(a.shape) * 0.02).astype(np.float32) for a in leaves])
+        sd = vae_state_dict(params, cfg, naming)
+        if vae_file.endswith(".safetensors"):
+            from safetensors.numpy import save_file
+            save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, paths["vae"] + ".tmp")
+            os.replace(paths["vae"] + ".tmp", paths["vae"])
+        else:
+            save_torch(sd, paths["vae"])
+    return paths
+
+
+def run_measured(cmd: List[str], log_path: str) -> dict:
+    """Runs a command in the project root; its wall time, exit status and peak RSS (os.wait4)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    peak = int(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024))
+    if p.returncode != 0:
+        with open(log_path) as f:
+            tail = " | ".join(f.read().strip().splitlines()[-3:])
+        raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {p.returncode}): {tail[-400:]}")
+    return dict(wall_s=wall, peak_rss_bytes=peak, log=log_path)
+
+
+def _tree_bytes(directory: str) -> int:
+    """float32 bytes of a converted model (its config's parameter shapes)."""
+    import jax
+
+    from l2c_jax import checkpoint
+    from l2c_jax.model import abstract_params, family_of
+    from l2c_jax.models.vae import VAEConfig, abstract_vae_params
+
+    meta = checkpoint.read_model_meta(directory)
+    if meta["family"] == "vae":
+        tree = abstract_vae_params(VAEConfig.from_dict(meta["config"]))
+    else:
+        tree = abstract_params(meta["family"], family_of(meta["family"])[0](**meta["config"]))
+    return int(sum(np.prod(a.shape) * 4 for a in jax.tree.leaves(tree)))
+
+
+def run_user_path(config, report: Callable = print) -> dict:
+    """Writes (if needed), converts and samples at full size; returns the measured row."""
+    from l2c_jax.benchmark import machine_info
+
+    family = config.family
+    if family not in FAMILIES:
+        raise ConfigError(f"user_path benchmarks families {', '.join(FAMILIES)}, not {family!r}")
+    arch, converter, _, _, _, sample_config = FAMILIES[family]
+    if not config.get("router") or not os.path.exists(config.router):
+        raise ConfigError(f"config.router: the released router file is needed ({config.get('router') or 'unset'})")
+    work = os.path.abspath(config.workdir)
+    os.makedirs(work, exist_ok=True)
+    py = sys.executable
+
+    report(f"writing random {arch} + autoencoder checkpoints in the original formats under {work} ...")
+    src = run_measured([py, "-c", "import sys; from l2c_jax.bench.user_path import write_random_checkpoints as w; "
+                        "w(sys.argv[1], sys.argv[2])", family, os.path.join(work, "source")],
+                       os.path.join(work, "write.log"))
+    paths = dict(model=os.path.join(work, "source", FAMILIES[family][2]),
+                 vae=os.path.join(work, "source", FAMILIES[family][4]))
+    del src
+    model_dir, vae_dir = os.path.join(work, "ckpt", "model"), os.path.join(work, "ckpt", "vae")
+    shutil.rmtree(os.path.join(work, "ckpt"), ignore_errors=True)  # converted afresh every run: that is measured
+    row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), family=family,
+               arch=arch, machine=machine_info(), batch_size=int(config.batch_size))
+    conv = [py, converter, "--checkpoint", paths["model"], "--model", arch, "--out", model_dir]
+    row["convert_model"] = run_measured(conv, os.path.join(work, "convert_model.log"))
+    row["convert_vae"] = run_measured([py, "convert/vae.py", "--checkpoint", paths["vae"], "--out", vae_dir],
+                                      os.path.join(work, "convert_vae.log"))
+    weights = dict(model=_tree_bytes(model_dir), vae=_tree_bytes(vae_dir))
+    row["weights_bytes"] = weights
+    labels = ", ".join(str(i) for i in range(207, 207 + int(config.batch_size)))
+    cmd = [py, "scripts/sample.py", "--config", sample_config, f"--config.model.checkpoint={model_dir}",
+           f"--config.vae.checkpoint={vae_dir}", f"--config.router.checkpoint={config.router}",
+           f"--config.batch_size={int(config.batch_size)}", f"--config.labels=({labels},)",
+           f"--config.repeats={int(config.repeats)}", f"--config.dtype={config.get('dtype', 'float32')}",
+           "--workdir", os.path.join(work, "samples")]
+    if family == "dit":
+        cmd.append(f"--config.strategy={config.get('strategy', 'auto')}")
+    row["command"] = " ".join(["python"] + cmd[1:])
+    row["sample"] = run_measured(cmd, os.path.join(work, "sample.log"))
+    with open(os.path.join(work, "samples", "report.json")) as f:
+        job = json.load(f)
+    row["sample"]["phases"] = job["phases"]
+    row["sample"]["latency_mean_s"] = job["latency_mean"]
+    row["sample"]["computed_share"] = job["computed_share"]
+    total = weights["model"] + weights["vae"]
+    row["sample"]["peak_over_weights"] = row["sample"]["peak_rss_bytes"] / total
+
+    gib = 2.0 ** 30
+    report(f"{arch} 256 px + autoencoder, batch {row['batch_size']}, float32 weights "
+           f"{weights['model'] / gib:.2f} + {weights['vae'] / gib:.2f} GiB")
+    report(f"{'step':<22}{'wall (s)':>10}{'peak RSS (GiB)':>16}")
+    for name, r in (("convert model", row["convert_model"]), ("convert VAE", row["convert_vae"])):
+        report(f"{name:<22}{r['wall_s']:>10.1f}{r['peak_rss_bytes'] / gib:>16.2f}")
+    for name, r in job["phases"].items():
+        dev = "" if r["device_peak_bytes"] is None else f"   device peak {r['device_peak_bytes'] / gib:.2f} GiB"
+        report(f"{'sample.py: ' + name:<22}{r['wall_s']:>10.1f}{r['peak_rss_bytes'] / gib:>16.2f}{dev}")
+    report(f"{'sample.py (process)':<22}{row['sample']['wall_s']:>10.1f}{row['sample']['peak_rss_bytes'] / gib:>16.2f}"
+           f"   = {row['sample']['peak_over_weights']:.2f}x the weights")
+    out = config.get("output")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        report(f"appended the row to {out}")
+    return row

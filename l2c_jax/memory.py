@@ -1,0 +1,133 @@
+"""Peak memory and wall time of a job's phases (load, compile, sample, decode).
+
+`Phases` samples the process's resident set size from a thread and charges
+each sample to the phase running at that moment; on accelerators it also
+reads the device's peak bytes in use (cumulative: the value at a phase's end
+is the peak so far). No jax import at module level: the benchmark's FLOP
+accounting and the tests use it without a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import threading
+import time
+from typing import Dict, Optional
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """The current resident set size (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def maxrss_bytes() -> int:
+    """The process's resident-set high-water mark since it started."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def device_peak_bytes() -> Optional[int]:
+    """Peak bytes in use on the first local device (None on backends without memory stats, e.g. CPU)."""
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:
+        return None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return None
+
+
+class RSSPeak:
+    """Peak resident set size over a `with` block, sampled in a thread every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+class Phases:
+    """Wall time and peak RSS per named phase; a phase entered twice accumulates.
+
+        phases = Phases()
+        with phases("load"): ...
+        with phases("sample"): ...
+        phases.summary()  # {"load": {"wall_s", "peak_rss_bytes", "rss_end_bytes", "device_peak_bytes"}, ...}
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.rows: Dict[str, dict] = {}
+        self._current: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _sample(self):
+        name = self._current
+        if name is not None:
+            row = self.rows[name]
+            row["peak_rss_bytes"] = max(row["peak_rss_bytes"], rss_bytes())
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        row = self.rows.setdefault(name, dict(wall_s=0.0, peak_rss_bytes=0, rss_end_bytes=0,
+                                              device_peak_bytes=None))
+        outer, self._current = self._current, name
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        self._sample()
+        t0 = time.perf_counter()
+        try:
+            yield row
+        finally:
+            row["wall_s"] += time.perf_counter() - t0
+            self._sample()
+            row["rss_end_bytes"] = rss_bytes()
+            row["device_peak_bytes"] = device_peak_bytes()
+            self._current = outer
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def summary(self) -> Dict[str, dict]:
+        return {k: dict(v) for k, v in self.rows.items()}
+
+    def lines(self):
+        """One human-readable line per phase."""
+        for name, r in self.rows.items():
+            dev = "" if r["device_peak_bytes"] is None else f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB"
+            yield (f"{name:<8} {r['wall_s']:8.2f} s   peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB{dev}")
