@@ -46,7 +46,7 @@ def get_config(arg=None):
     c.compare_float32 = True  # with bfloat16: also run float32 once and report the deviation
     c.torch_reference = ""    # path to the original repo's DiT folder: also time the PyTorch original
     c.torch_threads = 2
-    c.peak_tflops = 0.0       # > 0: the chip's peak for MFU (else the datasheet table in l2c_jax/throughput.py)
+    c.peak_tflops = 0.0       # > 0: the chip's peak for MFU (else the datasheet table in l2c_jax/bench/flops.py)
     c.inner = 1               # mode=forward: forwards per timed repeat (raise where one forward is milliseconds)
     c.matmul_probe = True     # mode=forward: also time a matmul chain of the MLP shape in the same dtype
     c.matmul_probe_rows = 8192

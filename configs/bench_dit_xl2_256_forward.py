@@ -1,7 +1,7 @@
 """MFU target: one full DiT-XL/2 forward (256 px, every sub-layer computed) at batch 256 in bfloat16.
 
 Reports the forward's FLOP rate, its MFU against the chip's datasheet dense
-bf16 peak (`l2c_jax.throughput.PEAK_TFLOPS`; `--config.peak_tflops=` for chips
+bf16 peak (`l2c_jax.bench.flops.PEAK_TFLOPS`; `--config.peak_tflops=` for chips
 not listed) and against a plain matmul chain of the model's MLP shape on the
 same device. Random weights: the time does not depend on their values.
 

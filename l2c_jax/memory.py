@@ -48,29 +48,6 @@ def device_peak_bytes() -> Optional[int]:
     return None
 
 
-class RSSPeak:
-    """Peak resident set size over a `with` block, sampled in a thread every `interval` seconds."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.peak = rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-
 class Phases:
     """Wall time and peak RSS per named phase; a phase entered twice accumulates.
 

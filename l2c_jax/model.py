@@ -18,25 +18,11 @@ import jax.numpy as jnp
 from l2c_jax import checkpoint, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.models.cache import check_mask
-
-# family -> (config dataclass, module class); filled by register_family.
-_FAMILIES: Dict[str, tuple] = {}
-
-
-def register_family(name: str, config_cls, module_cls, example_inputs: Callable):
-    """`example_inputs(config) -> (x, t, y)` shapes used to trace parameters."""
-    _FAMILIES[name] = (config_cls, module_cls, example_inputs)
-
-
-def family_of(name: str):
-    _ensure_registered()  # a Model built before any loader ran must find its family too
-    if name not in _FAMILIES:
-        raise CheckpointError(f"unknown model family {name!r} (known: {', '.join(sorted(_FAMILIES))})")
-    return _FAMILIES[name]
+from l2c_jax.models.families import family_of
+from l2c_jax.models.guidance import forward_with_cfg
 
 
 def abstract_params(family: str, config) -> Any:
-    _ensure_registered()
     config_cls, module_cls, example_inputs = family_of(family)
     module = module_cls(config)
     x, t, y = example_inputs(config)
@@ -80,22 +66,9 @@ class Model:
         return self.module.apply({"params": params}, x, t, y, cache, mask, beta)
 
     def apply_cfg(self, params, x, t, y, cfg_scale, cache=None, mask=None, beta=None, guidance_channels=3):
-        """DiT's `forward_with_cfg`: batch is [cond | uncond] halves; the first half of x is used for both.
-
-        Guidance is applied to the first `guidance_channels` output channels
-        (3, the original's choice "for exact reproducibility"); pass None to
-        guide all `in_channels` channels of eps, the standard formulation.
-        """
-        n = x.shape[0]
-        if n % 2:
-            raise ConfigError(f"classifier-free guidance needs an even batch [cond | uncond], got {n}")
-        half = x[: n // 2]
-        out, cache = self.apply(params, jnp.concatenate([half, half], 0), t, y, cache, mask, beta)
-        gc = self.config.in_channels if guidance_channels is None else guidance_channels
-        eps, rest = out[..., :gc], out[..., gc:]
-        cond, uncond = eps[: n // 2], eps[n // 2:]
-        half_eps = uncond + cfg_scale * (cond - uncond)
-        return jnp.concatenate([jnp.concatenate([half_eps, half_eps], 0), rest], -1), cache
+        """DiT's `forward_with_cfg` (`l2c_jax.models.guidance`): batch [cond | uncond], first half of x used."""
+        return forward_with_cfg(self.apply, self.config.in_channels, params, x, t, y, cfg_scale, cache, mask, beta,
+                                guidance_channels)
 
     def _jit(self, kind: str, mask):
         key = (kind, mask)
@@ -115,7 +88,6 @@ class Model:
     @classmethod
     def random(cls, family: str, config, seed: int = 0, dtype=jnp.float32) -> "Model":
         """A randomly initialised model (the original's init is not reproduced; for tests and training)."""
-        _ensure_registered()
         _, module_cls, example_inputs = family_of(family)
         x, t, y = (None if s is None else jnp.zeros(s.shape, s.dtype) for s in example_inputs(config))
         init = jax.jit(lambda k, x, t, y: module_cls(config).init(k, x, t, y)["params"],
@@ -130,7 +102,6 @@ class Model:
 def load_model(directory: str, dtype=jnp.float32, mesh=None) -> Model:
     """Restores a model written by `convert/` (or `Model.save`), its weights on the devices
     (replicated over `mesh`, default all devices), with no host copy kept."""
-    _ensure_registered()
     meta = checkpoint.read_model_meta(directory)
     config_cls, _, _ = family_of(meta["family"])
     try:
@@ -151,8 +122,3 @@ def model_from_config(model_config, dtype=jnp.float32) -> Model:
     if not model_config.get("checkpoint"):
         raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/ first")
     return load_model(model_config.checkpoint, dtype=dtype)
-
-
-def _ensure_registered():
-    # Importing the model modules registers their families.
-    from l2c_jax.models import registry  # noqa: F401

@@ -136,7 +136,7 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
     os.makedirs(workdir, exist_ok=True)
     scale = config.sampler.get("cfg_scale")
     is_dit = model.family == "dit"
-    aot = is_dit and hasattr(sampler, "compile") and len(jax.devices()) == 1
+    aot = is_dit and len(jax.devices()) == 1
     if aot:  # every graph of the schedule, compiled ahead and in parallel
         with phases("compile"):
             sampler.compile(bs, masks)

@@ -18,7 +18,7 @@ from l2c_jax.configs import parse_config_flags  # noqa: E402
 
 def main(argv):
     config, _ = parse_config_flags(argv, __doc__)
-    from l2c_jax.benchmark import run_benchmark
+    from l2c_jax.bench import run_benchmark
 
     run_benchmark(config, argv=[a for a in argv if a != "--verbose"])
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, fixture_path
-from l2c_jax.benchmark import ROW_KEYS, flop_bound, unit_flops
+from l2c_jax.bench.flops import flop_bound, unit_flops
+from l2c_jax.bench.sampling import ROW_KEYS
 from l2c_jax.models.dit import DiTConfig
 
 
@@ -87,7 +88,7 @@ def test_tiny_forward_mode_reports_flop_rate(tmp_path):
 
 
 def test_peak_table_and_schedule_flops():
-    from l2c_jax.throughput import forward_flops, peak_tflops, schedule_flops
+    from l2c_jax.bench.flops import forward_flops, peak_tflops, schedule_flops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bfloat16")[0] == 756.0

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import nhwc, rel_err
 from l2c_jax import ConfigError
-from l2c_jax.models.dit_scan import (STRATEGIES, ScanDiTSampler, ScanModel, StaticDiTSampler, cache_from_tuple, cache_to_tuple,
-                                     default_strategy, enable_compilation_cache, make_sampler, scan_apply,
-                                     split_block_params)
+from l2c_jax.compile_cache import enable_compilation_cache
+from l2c_jax.models.dit_scan import ScanModel, cache_from_tuple, cache_to_tuple, scan_apply, split_block_params
+from l2c_jax.sampling.strategies import STRATEGIES, ScanDiTSampler, StaticDiTSampler, default_strategy, make_sampler
 from l2c_jax.sampling import DiTSampler
 
 

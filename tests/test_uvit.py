@@ -193,7 +193,6 @@ def test_reused_units_are_absent_from_the_compiled_graph():
 
 
 def test_released_variants():
-    import l2c_jax.models.registry  # noqa: F401  (registers the families)
     from l2c_jax.model import abstract_params
 
     for name, (embed, depth, heads, patch) in UVIT_VARIANTS.items():

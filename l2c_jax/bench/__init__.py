@@ -1,1 +1,30 @@
-"""Benchmarks of what users run (the sampling benchmark proper still lives in `l2c_jax.benchmark`)."""
+"""`scripts/benchmark.py`: one measurement per run, chosen by `config.mode`.
+
+- "sample" (default): full vs L2C sampling latency, compile time, memory, FLOP bound (`bench.sampling`);
+- "forward": one full-model forward's FLOP rate and MFU (`bench.forward`);
+- "user_path": the user's path at full size, convert -> load -> compile -> sample -> decode (`bench.user_path`).
+
+Layers, importing downwards only: flops (no jax) < harness < compile_probe, reference < the three modes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from l2c_jax.bench.forward import run_forward_benchmark
+from l2c_jax.bench.sampling import run_sample_benchmark
+from l2c_jax.bench.user_path import run_user_path
+from l2c_jax.errors import ConfigError
+
+
+def run_benchmark(config, report: Callable = print, argv=None) -> dict:
+    """Runs the mode `config.mode` names; returns its JSON row."""
+    mode = config.get("mode", "sample")
+    if mode == "sample":
+        return run_sample_benchmark(config, report, argv)
+    if mode == "forward":
+        return run_forward_benchmark(config, report, argv)
+    if mode == "user_path":
+        return run_user_path(config, report)
+    raise ConfigError(f"mode must be 'sample' (full vs L2C schedules), 'forward' (MFU) or 'user_path' "
+                      f"(convert -> sample at full size), got {mode!r}")

@@ -30,9 +30,8 @@ from typing import Callable, List
 
 import numpy as np
 
+from l2c_jax.bench.harness import ROOT, machine_info
 from l2c_jax.errors import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FAMILIES = {
     # family: (arch name, converter, model file, VAE naming, VAE file, sampling config)
@@ -41,6 +40,12 @@ FAMILIES = {
     "uvit": ("U-ViT-H/2", "convert/uvit.py", "imagenet256_uvit_huge.pth", "ldm", "autoencoder_kl_ema.pth",
              "configs/uvit_h2_256_nfe20_l2c.py"),
 }
+
+
+def source_paths(family: str, directory: str) -> dict:
+    """Where `write_random_checkpoints` puts the family's model and autoencoder files."""
+    _, _, model_file, _, vae_file, _ = FAMILIES[family]
+    return dict(model=os.path.join(directory, model_file), vae=os.path.join(directory, vae_file))
 
 
 def write_random_checkpoints(family: str, directory: str, seed: int = 0) -> dict:
@@ -52,9 +57,9 @@ def write_random_checkpoints(family: str, directory: str, seed: int = 0) -> dict
     from l2c_jax.model import Model
     from l2c_jax.models.vae import VAEConfig, abstract_vae_params
 
-    arch, _, model_file, naming, vae_file, _ = FAMILIES[family]
+    arch, _, _, naming, vae_file, _ = FAMILIES[family]
     os.makedirs(directory, exist_ok=True)
-    paths = dict(model=os.path.join(directory, model_file), vae=os.path.join(directory, vae_file))
+    paths = source_paths(family, directory)
 
     def save_torch(sd, path):
         torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path + ".tmp")
@@ -124,8 +129,6 @@ def _tree_bytes(directory: str) -> int:
 
 def run_user_path(config, report: Callable = print) -> dict:
     """Writes (if needed), converts and samples at full size; returns the measured row."""
-    from l2c_jax.benchmark import machine_info
-
     family = config.family
     if family not in FAMILIES:
         raise ConfigError(f"user_path benchmarks families {', '.join(FAMILIES)}, not {family!r}")
@@ -137,12 +140,10 @@ def run_user_path(config, report: Callable = print) -> dict:
     py = sys.executable
 
     report(f"writing random {arch} + autoencoder checkpoints in the original formats under {work} ...")
-    src = run_measured([py, "-c", "import sys; from l2c_jax.bench.user_path import write_random_checkpoints as w; "
+    run_measured([py, "-c", "import sys; from l2c_jax.bench.user_path import write_random_checkpoints as w; "
                         "w(sys.argv[1], sys.argv[2])", family, os.path.join(work, "source")],
                        os.path.join(work, "write.log"))
-    paths = dict(model=os.path.join(work, "source", FAMILIES[family][2]),
-                 vae=os.path.join(work, "source", FAMILIES[family][4]))
-    del src
+    paths = source_paths(family, os.path.join(work, "source"))
     model_dir, vae_dir = os.path.join(work, "ckpt", "model"), os.path.join(work, "ckpt", "vae")
     shutil.rmtree(os.path.join(work, "ckpt"), ignore_errors=True)  # converted afresh every run: that is measured
     row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), family=family,

@@ -69,9 +69,8 @@ def convert_dit(checkpoint: str, model: Optional[str] = None, num_heads: Optiona
                 num_classes: Optional[int] = None):
     """Reads a DiT checkpoint (plain or training, `ema` preferred) into a `Model`."""
     from l2c_jax.convert.rules import torch_to_flax
-    from l2c_jax.model import Model, _ensure_registered, abstract_params
+    from l2c_jax.model import Model, abstract_params
 
-    _ensure_registered()
     sd = strip_prefix(select_state_dict(load_checkpoint_file(checkpoint), checkpoint))
     config = infer_dit_config(sd, checkpoint, model, num_heads, num_classes)
     params = torch_to_flax(sd, abstract_params("dit", config), source=checkpoint, consume=True)

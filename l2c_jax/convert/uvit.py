@@ -83,9 +83,8 @@ def infer_uvit_config(sd: dict, path: str, model: Optional[str] = None,
 def convert_uvit(checkpoint: str, model: Optional[str] = None, num_heads: Optional[int] = None):
     """Reads a U-ViT checkpoint (plain or training, `ema` preferred) into a `Model`."""
     from l2c_jax.convert.rules import torch_to_flax
-    from l2c_jax.model import Model, _ensure_registered, abstract_params
+    from l2c_jax.model import Model, abstract_params
 
-    _ensure_registered()
     sd = strip_prefix(select_state_dict(load_checkpoint_file(checkpoint), checkpoint))
     config = infer_uvit_config(sd, checkpoint, model, num_heads)
     params = torch_to_flax(sd, abstract_params("uvit", config), source=checkpoint, consume=True)

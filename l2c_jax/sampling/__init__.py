@@ -17,7 +17,9 @@ import jax.numpy as jnp
 
 from l2c_jax import compile_cache
 from l2c_jax.errors import ConfigError
-from l2c_jax.sampling.dit import DiTSampler, computed_share  # noqa: F401
+from l2c_jax.sampling.dit import DiTSampler, computed_share  # noqa: F401  (public names)
+from l2c_jax.sampling.strategies import default_strategy, make_sampler
+from l2c_jax.sampling.uvit import UViTSampler
 
 
 ROUTER_KINDS = {"dit": "dit-ddim", "uvit": "uvit-dpm2"}
@@ -70,9 +72,6 @@ def is_guided(family: str, cfg_scale) -> bool:
 
 def sampler_for(model, solver: str, steps: int, guided: bool, strategy: str = "static", **kw):
     """The model's sampler for this graph-changing key, built on first use and then kept on the model."""
-    from l2c_jax.models.dit_scan import default_strategy, make_sampler
-    from l2c_jax.sampling.uvit import UViTSampler
-
     if "cache_dtype" in kw and kw["cache_dtype"] is not None:
         kw["cache_dtype"] = jnp.dtype(kw["cache_dtype"]).name
     if model.family == "dit":
@@ -115,7 +114,7 @@ def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Op
     strategy (DiT): "static" (one graph per distinct mask), "cond" / "scan" (one graph
     with each sub-layer behind lax.cond), or "auto" (the backend's measured default).
     kw: sampler options (DiT: eta, guidance_channels, respacing, cache_dtype, ...;
-    U-ViT: skip_type, batch_cfg, cache_dtype, ...).
+    U-ViT: skip_type, batch_cfg, cache_dtype, ...). key: DiT's DDPM / eta > 0 noise; U-ViT ignores it.
     """
     if router is not None and masks is not None:
         raise ConfigError("pass a router or masks, not both")
@@ -130,6 +129,5 @@ def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Op
     scale = cfg_scale if guided else None
     if model.family == "dit":
         return sampler(noise, y, masks, key=key, progress=progress, cfg_scale=scale)
-    if key is not None:
-        raise ConfigError("U-ViT's DPM-Solver is deterministic: it takes no PRNG key")
+    # U-ViT's DPM-Solver is deterministic: a key is accepted and unused, as it always was.
     return sampler(noise, y, masks=masks, progress=progress, cfg_scale=scale)

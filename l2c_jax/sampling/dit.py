@@ -48,7 +48,7 @@ class DiTSampler:
             raise ConfigError(f"unknown DiT solver {solver!r}; use 'ddim' or 'ddpm'")
         if steps < 1:
             raise ConfigError(f"steps must be positive, got {steps}")
-        self.model = model.on_devices() if hasattr(model, "on_devices") else model
+        self.model = model.on_devices()
         self.solver = solver
         self.cfg_scale = None if cfg_scale is None or float(cfg_scale) == 1.0 else float(cfg_scale)
         self.eta = float(eta)
@@ -131,10 +131,11 @@ class DiTSampler:
             if key is None:
                 raise ConfigError(f"{self.solver} with eta={self.eta} draws noise: pass a PRNG key")
         b = noise.shape[0]
-        x = jnp.array(noise, copy=True)  # the steps donate x: never hand them the caller's array
         if self.cfg_scale is not None:
             x = jnp.concatenate([noise, noise], 0)
             y = jnp.concatenate([y, jnp.full_like(y, cfg.null_class)], 0)
+        else:
+            x = jnp.array(noise, copy=True)  # the steps donate x: never hand them the caller's array
         schedule = self.schedule(masks)
         cache = None
         indices = self.diffusion.sampling_indices()

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.training.digits import load_digits_u8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
 
@@ -264,8 +265,7 @@ def make_source(data_config, image_size: int):
     if data_config.get("image_folder"):
         return ImageFolder(data_config.image_folder, image_size)
     if data_config.get("tfds_name") == "sklearn_digits":
-        from l2c_jax.training.digits import digits_source
-        return digits_source()
+        return ArraySource(*load_digits_u8())
     if data_config.get("tfds_name"):
         return TfdsSource(data_config.tfds_name, data_config.get("split", "train"), image_size,
                           data_config.get("tfds_data_dir") or None, data_config.get("manual_dir") or None)

@@ -16,10 +16,3 @@ def load_digits_u8() -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     imgs = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     return imgs, d.target.astype(np.int64)
-
-
-def digits_source():
-    from l2c_jax.training.data import ArraySource
-
-    imgs, labels = load_digits_u8()
-    return ArraySource(imgs, labels)

@@ -41,6 +41,7 @@ def dit_initialization(params, key):
 def train_dit(config, workdir: str, report=print) -> dict:
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
+
     from l2c_jax import parallel
     from l2c_jax.diffusion import create_diffusion
     from l2c_jax.model import Model

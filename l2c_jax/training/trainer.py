@@ -154,6 +154,7 @@ def train_router(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a router; returns final metrics and paths."""
     import orbax.checkpoint as ocp
     from clu import metric_writers, periodic_actions
+
     from l2c_jax import parallel
     from l2c_jax.images import save_png
     from l2c_jax.router import Router, save_router

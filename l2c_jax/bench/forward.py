@@ -4,16 +4,16 @@
 `mode="forward"`) times one full-model forward (every sub-layer computed, no
 CFG doubling: `batch_size` rows) and reports
 
-- its FLOP rate, counted like the FLOP bound (`l2c_jax.benchmark.unit_flops`
+- its FLOP rate, counted like the FLOP bound (`l2c_jax.bench.flops.unit_flops`
   + `fixed_flops`: a multiply-add is 2 FLOPs, softmax / norms not counted);
 - MFU: that rate over the chip's dense peak for the dtype, from the vendor
-  figures in `PEAK_TFLOPS` (or `config.peak_tflops`); None where unknown
+  figures in `l2c_jax.bench.flops.PEAK_TFLOPS` (or `config.peak_tflops`); None where unknown
   (CPUs: no meaningful datasheet peak);
 - the rate of a plain matmul chain of the model's largest shape in the same
   dtype on the same device, the practical ceiling a transformer forward can
   approach there (`forward_over_matmul`).
 
-Sampling rows (`run_benchmark`) carry the same FLOP rate for their full and
+Sampling rows (`l2c_jax.bench.sampling`) carry the same FLOP rate for their full and
 L2C schedules (`throughput_of_schedule`).
 """
 
@@ -22,73 +22,15 @@ from __future__ import annotations
 import datetime
 import statistics
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict
 
 import numpy as np
 
+from l2c_jax.bench.flops import device_kind, forward_flops, peak_tflops
+from l2c_jax.bench.harness import (build_model, compilation_cache_of, dtype_of, machine_info, summarize,
+                                   typed_model, write_row)
 from l2c_jax.errors import ConfigError
 from l2c_jax.memory import device_peak_bytes, maxrss_bytes
-
-# Dense (no sparsity) peak TFLOP/s per chip, from the vendors' datasheets.
-# Matched against `jax.Device.device_kind` in order: the first substring that occurs wins.
-PEAK_TFLOPS = (
-    ("H100 PCIe", {"bfloat16": 756.0}),
-    ("H100 NVL", {"bfloat16": 835.0}),
-    ("H100", {"bfloat16": 989.4}),       # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", {"bfloat16": 989.4}),
-    ("H20", {"bfloat16": 148.0}),
-    ("A100", {"bfloat16": 312.0}),
-    ("L40S", {"bfloat16": 362.0}),
-    ("L4", {"bfloat16": 121.0}),
-    ("TPU v4", {"bfloat16": 275.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0}),  # v5e
-    ("TPU v5", {"bfloat16": 459.0}),       # v5p
-    ("TPU v6 lite", {"bfloat16": 918.0}),  # v6e
-)
-
-
-def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> Tuple[Optional[float], str]:
-    """(peak TFLOP/s, where it came from) for a device kind and dtype; (None, reason) when unknown."""
-    if override:
-        return float(override), "config.peak_tflops"
-    for key, peaks in PEAK_TFLOPS:
-        if key in device_kind:
-            if dtype in peaks:
-                return peaks[dtype], f"datasheet ({key}, dense {dtype})"
-            return None, f"no {dtype} peak listed for {key}"
-    return None, f"no datasheet peak for {device_kind!r} (set config.peak_tflops)"
-
-
-def device_kind(machine: dict) -> str:
-    """What the peak table is matched against: the accelerator's kind, or the CPU's model name."""
-    if machine.get("backend") == "cpu" or not machine.get("devices"):
-        return machine.get("cpu", "cpu")
-    return machine["devices"][0]
-
-
-def forward_flops(config, rows: int) -> float:
-    """FLOPs of one full forward of `rows` sequences (every sub-layer computed)."""
-    from l2c_jax.benchmark import fixed_flops, unit_flops
-
-    return float(unit_flops(config, rows).sum() + fixed_flops(config, rows))
-
-
-def schedule_flops(config, masks, steps: int, rows: int) -> float:
-    """FLOPs of `steps` sampler steps of `rows` sequences; masks None = the full schedule."""
-    from l2c_jax.benchmark import fixed_flops, unit_flops
-
-    u = unit_flops(config, rows)
-    kept = steps * u.sum() if masks is None else float((np.asarray(masks, bool)[:steps] * u).sum())
-    return float(kept + steps * fixed_flops(config, rows))
-
-
-def throughput_of_schedule(config, masks, steps: int, rows: int, full_s: float, l2c_s: float,
-                           peak: Optional[float]) -> Dict[str, Any]:
-    """Achieved TFLOP/s of the timed full and L2C runs (and MFU where the peak is known)."""
-    full = schedule_flops(config, None, steps, rows) / full_s / 1e12
-    l2c = schedule_flops(config, masks, steps, rows) / l2c_s / 1e12
-    return dict(full_tflops=full, l2c_tflops=l2c, peak_tflops=peak,
-                full_mfu=full / peak if peak else None, l2c_mfu=l2c / peak if peak else None)
 
 
 def matmul_rate(dtype, m: int, k: int, n: int, repeats: int = 5, inner: int = 4) -> float:
@@ -120,17 +62,15 @@ def run_forward_benchmark(config, report: Callable = print, argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from l2c_jax import benchmark as bm
-
-    bm.compilation_cache_of(config)
-    dtype = bm.dtype_of(config, "bfloat16")
+    compilation_cache_of(config)
+    dtype = dtype_of(config, "bfloat16")
     rows = int(config.batch_size)
     warmup, repeats = int(config.get("warmup", 1)), int(config.get("repeats", 2))
     inner = int(config.get("inner", 1) or 1)
     if rows < 1 or repeats < 1:
         raise ConfigError("batch_size and repeats must be at least 1")
 
-    machine = bm.machine_info()
+    machine = machine_info()
     kind = device_kind(machine)
     row: Dict[str, Any] = dict(
         name=config.get("name", "benchmark") + "_forward", mode="forward",
@@ -139,7 +79,7 @@ def run_forward_benchmark(config, report: Callable = print, argv=None) -> dict:
         batch_size=rows, dtype=str(dtype), warmup=warmup, repeats=repeats, inner=inner)
     report(f"machine: {kind}, backend {machine['backend']}; full forward of {rows} rows in {dtype}")
 
-    model = bm.typed_model(bm.build_model(config), dtype)
+    model = typed_model(build_model(config), dtype)
     cfg = model.config
     flops = forward_flops(cfg, rows)
     key = jax.random.key(int(config.get("seed", 0)))
@@ -164,7 +104,7 @@ def run_forward_benchmark(config, report: Callable = print, argv=None) -> dict:
     med = statistics.median(times)
     tflops = flops / med / 1e12
     peak, source = peak_tflops(kind, str(dtype), float(config.get("peak_tflops", 0.0) or 0.0))
-    row["forward"] = dict(bm.summarize(times), flops=flops, tflops=tflops, peak_tflops=peak, peak_source=source,
+    row["forward"] = dict(summarize(times), flops=flops, tflops=tflops, peak_tflops=peak, peak_source=source,
                           mfu=tflops / peak if peak else None)
     report(f"forward: {med * 1e3:.2f} ms median of {repeats} (min {min(times) * 1e3:.2f}), "
            f"{flops / 1e12:.3f} TFLOP -> {tflops:.2f} TFLOP/s"
@@ -179,4 +119,4 @@ def run_forward_benchmark(config, report: Callable = print, argv=None) -> dict:
         report(f"matmul chain {m}x{cfg.hidden_size}x{int(cfg.hidden_size * cfg.mlp_ratio)} in {dtype}: "
                f"{rate:.2f} TFLOP/s; the forward runs at {tflops / rate * 100:.1f}% of it")
     row["memory"] = dict(maxrss_bytes=maxrss_bytes(), device_peak_bytes=device_peak_bytes())
-    return bm._write_row(config, row, report)
+    return write_row(config, row, report)
