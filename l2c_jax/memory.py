@@ -35,6 +35,30 @@ def maxrss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def release_free_heap() -> None:
+    """Returns the C heap's free pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Compiling an XLA graph allocates and frees a lot of small objects; glibc
+    keeps the freed memory in the process, fragmented, so every newly compiled
+    step graph left ~0.1-0.15 GB of resident but unused heap at U-ViT-H/2 size
+    (+1.5 GB over a DPM-Solver-2 router schedule's 11 graphs). The samplers call
+    this after a call that compiled something: a few milliseconds, once per graph.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def device_peak_bytes() -> Optional[int]:
     """Peak bytes in use on the first local device (None on backends without memory stats, e.g. CPU)."""
     import jax

@@ -118,6 +118,7 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
     from tqdm.auto import tqdm
 
     from l2c_jax import parallel
+    from l2c_jax.memory import release_free_heap
 
     sampler, masks, share, what, of_what = made
     cfg = model.config
@@ -170,6 +171,7 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
             imgs = vae.decode(lat / config.vae.get("scale", 0.18215)) if vae is not None else lat
             outs.append(imio.to_uint8(np.asarray(imgs))[:count])
         del lat, imgs
+        release_free_heap()  # the decoder's first compile and its full-resolution activations
     images = np.concatenate(outs)
 
     grid_path = os.path.join(workdir, config.get("grid", "samples.png"))

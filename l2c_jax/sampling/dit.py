@@ -24,6 +24,7 @@ import numpy as np
 
 from l2c_jax.diffusion.gaussian import create_diffusion
 from l2c_jax.errors import ConfigError
+from l2c_jax.memory import release_free_heap
 from l2c_jax.models.cache import check_mask
 
 
@@ -151,8 +152,11 @@ class DiTSampler:
             if key is not None:
                 key, sub = jax.random.split(key)
                 step_noise = jax.random.normal(sub, x.shape, x.dtype)
+            graphs = len(self._compiled)
             x, cache = self.step_fn(schedule[s], keep)(self.model.params, x, cache, jnp.int32(i), y, step_noise,
                                                        None if scale is None else jnp.float32(scale))
+            if len(self._compiled) > graphs:  # this step compiled a graph: hand its scratch memory back
+                release_free_heap()
         return x[:b]
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from l2c_jax.diffusion.dpm_solver import DPMSolver
 from l2c_jax.diffusion.vp import DiscreteVPSchedule
 from l2c_jax.errors import ConfigError
+from l2c_jax.memory import release_free_heap
 from l2c_jax.models.cache import check_mask
 from l2c_jax.sampling.dit import call_scale, cast_cache
 
@@ -238,7 +239,10 @@ class UViTSampler:
             mask = schedule[e]
             keep = e + 1 < len(schedule) and schedule[e + 1] is not None
             cache_in, state["cache"] = (state["cache"] if mask is not None else None), None
+            graphs = len(self._compiled)
             eps, state["cache"], calls = self.eval_fn(mask, keep, record)(params, xx, tt, y, cache_in, scale)
+            if len(self._compiled) > graphs:  # this evaluation compiled a graph: hand its scratch memory back
+                release_free_heap()
             state["e"] = e + 1
             if record:
                 for cx, ct, cy, co in calls:
