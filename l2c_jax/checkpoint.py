@@ -1,8 +1,11 @@
 """Saving and restoring parameter trees with orbax, plus the model directory layout.
 
 A converted model directory holds:
-  DIR/config.json   {"family": ..., "config": {...}, ...}: what to build
+  DIR/config.json   {"family": ..., "config": {...}, "format_version": N, ...}: what to build
   DIR/params/0/     an orbax checkpoint (CheckpointManager, step 0) of the params tree
+
+`read_model_meta` checks the format version before anything else (versions
+and the rule: `l2c_jax.formats`).
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from typing import Any
 
 import jax
 
-from l2c_jax import parallel
-from l2c_jax.errors import CheckpointError
+from l2c_jax import formats, parallel
+from l2c_jax.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+FORMAT_VERSION = formats.MODEL_DIR_VERSION
+_RESERVED = ("family", "config", formats.FIELD)
+# The command that rewrites a model directory of each family in the current format.
+_CONVERTERS = {"dit": "convert/dit.py", "uvit": "convert/uvit.py", "vae": "convert/vae.py"}
 
 
 # Bytes orbax keeps in flight while saving or restoring. Its default (96 GB)
@@ -81,7 +88,13 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
 
 def write_model_dir(directory: str, family: str, config: dict, params: Any, overwrite: bool = False,
                     **extra) -> None:
-    """Writes DIR/params and DIR/config.json; an existing model there is refused unless `overwrite`."""
+    """Writes DIR/params and DIR/config.json; an existing model there is refused unless `overwrite`.
+
+    `extra` keys (e.g. source=) are stored beside family, config and format_version, which they may not replace.
+    """
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ConfigError(f"write_model_dir: {', '.join(clash)} cannot be passed as extra metadata")
     params_dir = os.path.join(directory, PARAMS_DIR)
     if os.path.isdir(params_dir) and os.listdir(params_dir):
         if not overwrite:
@@ -91,7 +104,7 @@ def write_model_dir(directory: str, family: str, config: dict, params: Any, over
         shutil.rmtree(params_dir)
     os.makedirs(directory, exist_ok=True)
     save_params(params_dir, params)
-    meta = {"family": family, "config": config, "format_version": 1, **extra}
+    meta = {**extra, "family": family, "config": config, formats.FIELD: FORMAT_VERSION}
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -105,11 +118,23 @@ def read_model_meta(directory: str) -> dict:
             meta = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a directory written by convert/") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "family" not in meta or "config" not in meta:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    formats.check_format_version(meta.get(formats.FIELD), FORMAT_VERSION, "model directory", path,
+                                 _migrate_hint(meta.get("family")), oldest=formats.MODEL_DIR_OLDEST,
+                                 missing=formats.FIELD not in meta)
+    # Format 1 is the only one so far: nothing to upgrade in memory.
+    if "family" not in meta or "config" not in meta:
         raise CheckpointError(f"{path}: missing 'family' or 'config'")
     return meta
+
+
+def _migrate_hint(family) -> str:
+    script = _CONVERTERS.get(family) if isinstance(family, str) else None
+    script = script or "convert/{dit,uvit,vae}.py"
+    return f"convert the original weights again: python {script} --checkpoint ORIGINAL --out NEW_DIR"
 
 
 def abstract_like(tree: Any) -> Any:

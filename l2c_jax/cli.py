@@ -1,4 +1,4 @@
-"""Shared behaviour of the command-line entry points.
+"""Shared behaviour of the command-line entry points: errors, and configs from flags.
 
 Bad input ends in one line on stderr and a non-zero exit; `--verbose` (or
 L2C_VERBOSE=1) shows the traceback as well.
@@ -11,7 +11,8 @@ import sys
 import traceback
 from typing import Callable
 
-from l2c_jax.errors import L2CError
+from l2c_jax import resources
+from l2c_jax.errors import ConfigError, L2CError
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
@@ -34,3 +35,56 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         print(f"error: {type(e).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
+
+
+def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):
+    """Returns (ConfigDict, workdir or None)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip())
+        print("\nflags: --config FILE[:ARG]  --config.KEY=VALUE  --workdir DIR  --verbose")
+        sys.exit(0)
+    argv = list(argv)
+    for i, a in enumerate(argv):  # ml_collections defers a missing file's error to first use: check now
+        j = i if a.startswith("--config=") else (i + 1 if a == "--config" and i + 1 < len(argv) else None)
+        if j is None:
+            continue
+        prefix, value = ("--config=", a.split("=", 1)[1]) if j == i else ("", argv[j])
+        file, sep, arg = value.partition(":")
+        found = resources.config_file(file)  # outside a checkout, the shipped configs by name
+        if not os.path.isfile(found):
+            raise ConfigError(f"config file not found: {file}")
+        argv[j] = prefix + found + sep + arg
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
+                                    sys_argv=["prog"] + list(argv))
+    flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
+    flags.DEFINE_boolean("verbose", False, "tracebacks on errors", flag_values=fv)
+    try:
+        fv(["prog"] + list(argv))
+    except flags.Error as e:
+        msg = " ".join(str(e).split())
+        # A config's own error (e.g. an unknown variant) arrives wrapped in ml_collections' traceback text.
+        for marker in ("ValueError: ", "KeyError: ", "TypeError: "):
+            if "Traceback" in msg and marker in msg:
+                msg = msg.rsplit(marker, 1)[1]
+                break
+        raise ConfigError(msg) from None
+    except (FileNotFoundError, OSError) as e:
+        raise ConfigError(f"cannot read config: {e}") from None
+    except (KeyError, AttributeError) as e:
+        raise ConfigError(f"unknown config key in an override: {' '.join(str(e).split())}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid config override: {' '.join(str(e).split())}") from None
+    try:
+        config = fv.config
+    except Exception as e:  # ml_collections defers a failed load to the first access
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"cannot load the config: {msg[msg.find('Attempted'):] if 'Attempted' in msg else msg}") from None
+    if config is None:
+        raise ConfigError("--config is required (e.g. --config configs/dit_sample.py:smoke)")
+    if workdir_required and not fv.workdir:
+        raise ConfigError("--workdir is required")
+    return config, fv.workdir

@@ -1,7 +1,7 @@
 """`Model`: a Flax module, its config and its parameters behind the API.md call.
 
 `model(x, t, y, cache=None, mask=None, beta=None) -> (out, cache)` jits once
-per distinct static mask. `model.apply(params, ...)` is the same computation
+per distinct static mask (a mask given as a jax array: one graph for all). `model.apply(params, ...)` is the same computation
 as a pure function, for callers that jit or differentiate themselves.
 """
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from l2c_jax import checkpoint, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
-from l2c_jax.models.cache import check_mask
+from l2c_jax.models.cache import check_mask, is_traced_mask
 from l2c_jax.models.families import family_of
 from l2c_jax.models.guidance import forward_with_cfg
 
@@ -71,19 +71,25 @@ class Model:
                                 guidance_channels)
 
     def _jit(self, kind: str, mask):
-        key = (kind, mask)
+        # A static mask is part of the graph (one per mask); an array mask is an argument (one graph).
+        key = (kind, "traced" if is_traced_mask(mask) else mask)
         if key not in self._jitted:
             fn = self.apply if kind == "plain" else self.apply_cfg
-            self._jitted[key] = jax.jit(functools.partial(fn, mask=mask))
+            self._jitted[key] = (jax.jit(lambda *a, mask, **k: fn(*a, mask=mask, **k)) if is_traced_mask(mask)
+                                 else jax.jit(functools.partial(fn, mask=mask)))
         return self._jitted[key]
 
-    def __call__(self, x, t, y=None, cache=None, mask=None, beta=None):
+    def _mask_kw(self, mask):
         mask = check_mask(mask, self.num_units)
-        return self._jit("plain", mask)(self.on_devices().params, x, t, y, cache, beta=beta)
+        return mask, (dict(mask=mask) if is_traced_mask(mask) else {})
+
+    def __call__(self, x, t, y=None, cache=None, mask=None, beta=None):
+        mask, kw = self._mask_kw(mask)
+        return self._jit("plain", mask)(self.on_devices().params, x, t, y, cache, beta=beta, **kw)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cache=None, mask=None, beta=None):
-        mask = check_mask(mask, self.num_units)
-        return self._jit("cfg", mask)(self.on_devices().params, x, t, y, cfg_scale, cache, beta=beta)
+        mask, kw = self._mask_kw(mask)
+        return self._jit("cfg", mask)(self.on_devices().params, x, t, y, cfg_scale, cache, beta=beta, **kw)
 
     @classmethod
     def random(cls, family: str, config, seed: int = 0, dtype=jnp.float32) -> "Model":
@@ -113,12 +119,53 @@ def load_model(directory: str, dtype=jnp.float32, mesh=None) -> Model:
     return Model(meta["family"], config, params, dtype=dtype)
 
 
-def model_from_config(model_config, dtype=jnp.float32) -> Model:
-    """The model a config's `model` section names: a converted checkpoint directory, or
-    (`random_init`, with `arch`) a randomly initialised DiT for smoke tests."""
-    if model_config.get("random_init"):
-        from l2c_jax.models.dit import DiTConfig
-        return Model.random("dit", DiTConfig(**model_config.arch.to_dict()), model_config.get("init_seed", 0))
-    if not model_config.get("checkpoint"):
-        raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/ first")
-    return load_model(model_config.checkpoint, dtype=dtype)
+def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False) -> Model:
+    """The model a config's `model` section names (the schema: l2c_jax/configs/common.py).
+
+    `random_init=False`: the directory `checkpoint` (written by convert/ or
+    `Model.save`), its own config; its family must be `family`.
+    `random_init=True`: random weights (seed `init_seed`) of the released
+    architecture `name` ("" = the family config's defaults) with the fields
+    of `arch` that are not None. `abstract`: parameter shapes only (nothing
+    read or initialised), for compile-only work.
+    """
+    mc = model_config
+    family = mc.get("family") or "dit"
+    if not mc.get("random_init"):
+        path = mc.get("checkpoint")
+        if not path:
+            raise ConfigError("config.model.checkpoint is empty: convert a checkpoint with convert/ first "
+                              "(or set config.model.random_init=True)")
+        if abstract:
+            meta = checkpoint.read_model_meta(path)
+            config = family_of(meta["family"]).config_cls(**meta["config"])
+            model = Model(meta["family"], config, abstract_params(meta["family"], config), dtype=dtype)
+        else:
+            model = load_model(path, dtype=dtype)
+        if mc.get("family") and model.family != mc.family:
+            raise ConfigError(f"config.model.family is {mc.family!r}, but {path} holds a {model.family} model")
+        return model
+    try:
+        config_cls = family_of(family).config_cls
+    except CheckpointError as e:
+        raise ConfigError(f"config.model.family: {e}") from None
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    arch = mc.get("arch") or {}
+    arch = {k: v for k, v in (arch.to_dict() if hasattr(arch, "to_dict") else dict(arch)).items() if v is not None}
+    if set(arch) - fields:
+        raise ConfigError(f"config.model.arch: {family} models have no field {', '.join(sorted(set(arch) - fields))} "
+                          f"(known: {', '.join(sorted(fields))})")
+    kw = {}
+    if mc.get("name"):
+        try:
+            kw = dataclasses.asdict(config_cls.from_name(mc.name))
+        except (KeyError, ConfigError):
+            raise ConfigError(f"config.model.name: {mc.name!r} is no released {family} architecture") from None
+    kw.update(arch)
+    try:
+        config = config_cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"config.model.arch: {e}") from None
+    if abstract:
+        return Model(family, config, abstract_params(family, config), dtype=dtype)
+    return Model.random(family, config, int(mc.get("init_seed") or 0), dtype=dtype)

@@ -19,6 +19,7 @@ import functools
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -85,3 +86,12 @@ def shard_batch(x: Any, mesh: Optional[Mesh] = None) -> Any:
         return x
     return jax.tree.map(lambda a: jax.device_put(a, batch_sharded(mesh) if a.shape[0] % n == 0
                                                  else replicated(mesh)), x)
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """The floating leaves of a pytree in `dtype` (e.g. parameters stored in bfloat16); shapes stay shapes."""
+    def cast(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return jax.ShapeDtypeStruct(a.shape, dtype) if isinstance(a, jax.ShapeDtypeStruct) else a.astype(dtype)
+        return a
+    return jax.tree_util.tree_map(cast, tree)

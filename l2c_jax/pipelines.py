@@ -60,36 +60,22 @@ def load_for_sampling(config):
 
 
 def _make_sampler(model, router, config):
-    """(sampler, masks or None, computed share, what it runs, what the share is of) for the model's family.
+    """(sampler, masks or None, computed share, what it runs, what the share is of).
 
     The sampler is the model's own (`l2c_jax.sampling.sampler_for`), so every
     batch, and every later job on the same model, reuses its compiled steps.
     """
-    from l2c_jax.sampling import is_guided, router_masks, sampler_for
+    from l2c_jax.sampling import is_guided, router_masks, sampler_class, sampler_for
 
     sc = config.sampler
     thr = config.router.get("threshold") if config.get("router") is not None else None
-    cache_dtype = config.get("cache_dtype") or None
-    guided = is_guided(model.family, sc.get("cfg_scale"))
-    if model.family == "dit":
-        sampler = sampler_for(model, sc.get("name", "ddim"), int(sc.steps), guided, config.get("strategy", "auto"),
-                              eta=sc.get("eta", 0.0), guidance_channels=sc.get("guidance_channels", 3),
-                              cache_dtype=cache_dtype)
-        masks = router_masks(model, router, thr, sampler.steps) if router else None
-        what = f"{sampler.steps} {sampler.solver.upper()} steps"
-        return sampler, masks, sampler.computed_share(masks), what, f"{sampler.steps} x {model.num_units}"
-    if model.family == "uvit":
-        name = sc.get("name", "dpm_solver2")
-        sampler = sampler_for(model, name, int(sc.steps), guided, skip_type=sc.get("skip_type", "time_uniform"),
-                              batch_cfg=sc.get("batch_cfg", True), cache_dtype=cache_dtype)
-        # The router has NFE rows; its masks cover the first evaluation of each solver step.
-        masks = router_masks(model, router, thr, sampler.nfe) if router else None
-        if masks is not None and masks.shape[0] != sampler.num_steps:
-            raise ConfigError(f"the router's masks cover {masks.shape[0]} solver steps, {name} with NFE "
-                              f"{sampler.nfe} takes {sampler.num_steps}; uvit-dpm2 routers are for dpm_solver2")
-        what = f"NFE {sampler.nfe} {name.upper()} ({sampler.num_steps} steps)"
-        return sampler, masks, sampler.computed_share(masks), what, f"{sampler.nfe} evaluations x {model.num_units}"
-    raise ConfigError(f"scripts/sample.py has no sampler for the {model.family} family")
+    cls = sampler_class(model.family)
+    sampler = sampler_for(model, sc.get("name", cls.solvers[0]), int(sc.steps),
+                          is_guided(model.family, sc.get("cfg_scale")), config.get("strategy", "static"),
+                          cache_dtype=config.get("cache_dtype") or None, **cls.options_from_config(sc))
+    masks = sampler.check_router_masks(router_masks(model, router, thr, sampler.rows) if router else None)
+    what, of_what = sampler.describe()
+    return sampler, masks, sampler.computed_share(masks), what, of_what
 
 
 def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
@@ -122,22 +108,20 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
 
     sampler, masks, share, what, of_what = made
     cfg = model.config
-    if model.family == "uvit" and not cfg.conditional:
+    if not cfg.conditional:
         n = int(config.get("num_samples") or len(config.get("labels") or ()))
         if n <= 0:
-            raise ConfigError("set num_samples (this U-ViT is unconditional: labels are ignored)")
+            raise ConfigError("set num_samples (this model is unconditional: labels are ignored)")
         labels = None
     else:
-        num_classes = cfg.num_classes - 1 if model.family == "uvit" else cfg.num_classes  # U-ViT: last row = null
-        labels = _labels(config, num_classes)
+        labels = _labels(config, cfg.null_class)  # the classes below the null class
         n = len(labels)
     bs = int(config.batch_size)
     rng = jax.random.key(config.seed)
     workdir = workdir or config.get("workdir") or "."
     os.makedirs(workdir, exist_ok=True)
     scale = config.sampler.get("cfg_scale")
-    is_dit = model.family == "dit"
-    aot = is_dit and len(jax.devices()) == 1
+    aot = len(jax.devices()) == 1
     if aot:  # every graph of the schedule, compiled ahead and in parallel
         with phases("compile"):
             sampler.compile(bs, masks)
@@ -152,11 +136,8 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
                                                                  cfg.in_channels)))
         # pad the last batch so every batch compiles to one shape
         yb = None if labels is None else np.resize(labels[b * bs:(b + 1) * bs], bs)
-        if is_dit:
-            key = k_step if (sampler.solver == "ddpm" or sampler.eta > 0) else None
-            run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale)  # noqa: E731
-        else:
-            run = lambda: sampler(noise, yb, masks=masks, cfg_scale=scale)  # noqa: E731
+        key = k_step if sampler.draws_noise else None
+        run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale)  # noqa: E731
         runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
         for r in range(runs):
             with phases("sample" if aot or not first else "compile"):
@@ -183,10 +164,9 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
         imio.save_npz(npz_path, images)
 
     t = np.asarray(times)
-    steps = sampler.steps if is_dit else sampler.nfe
     result = dict(latency_mean=float(t.mean()), latency_std=float(t.std()), computed_share=share,
                   num_images=int(len(images)), grid=grid_path, npz=npz_path, batch_size=bs,
-                  steps=steps, router=bool(router), phases=phases.summary())
+                  steps=sampler.rows, router=bool(router), phases=phases.summary())
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
     report(f"sampled {len(images)} images, {what}{' + L2C' if router else ''}, batch {bs}: "

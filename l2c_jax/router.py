@@ -25,8 +25,10 @@ Formats read by `load_router`: the released DiT `DDIM*_router.pt`
 (`{"routers": {"<i>.prob"}, "opt", "args"}`), the released U-ViT
 `dpm*_router.pth` (`{"<i>.prob"}`), and this project's `.safetensors` (a
 `(rows, units)` float32 `prob` plus string metadata), or a directory holding
-`router.safetensors`. Nothing is unpickled beyond tensors, containers and
-`argparse.Namespace` (see `l2c_jax.torch_io`).
+`router.safetensors`; its metadata records a format version, checked
+before anything else (versions and the rule: `l2c_jax.formats`). Nothing is
+unpickled beyond tensors, containers and `argparse.Namespace` (see
+`l2c_jax.torch_io`).
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from l2c_jax import formats
 from l2c_jax.errors import CheckpointError, ConfigError
-from l2c_jax.torch_io import load_checkpoint_file, strip_prefix
+from l2c_jax.torch_io import load_checkpoint_file, require_torch, strip_prefix
 
 KINDS = ("dit-ddim", "uvit-dpm2")
 FORMAT_NAME = "l2c_jax.router"
-FORMAT_VERSION = 1
+FORMAT_VERSION = formats.ROUTER_VERSION
 FILE_NAME = "router.safetensors"  # inside a directory
 
 _ROW_KEY = re.compile(r"^(?:routers\.)?(\d+)\.prob$")
@@ -239,27 +242,43 @@ def _meta_int(meta: Mapping[str, str], key: str, path: str) -> int:
         raise CheckpointError(f"{path}: router metadata {key!r} missing or not an integer") from None
 
 
-def _load_project(path: str, tensors: Mapping[str, np.ndarray], kind: Optional[str]) -> Router:
+def _migrate_hint(kind) -> str:
+    kind_arg = f" --kind {kind}" if kind in KINDS else ""
+    return (f"convert the released router again: python convert/router.py --checkpoint ROUTER.pt{kind_arg} "
+            "--out NEW.safetensors (a router trained here: train it again)")
+
+
+def _safetensors_meta(path: str) -> Optional[dict]:
+    """The string metadata of a safetensors file (empty when it has none); None for any other file."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # already read once, so this is unexpected; keep it one line
-        raise CheckpointError(f"{path}: cannot read safetensors metadata: {' '.join(str(e).split())[:200]}") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: holds 'prob' but is not an {FORMAT_NAME} file (metadata format "
-                              f"{meta.get('format')!r})")
-    version = _meta_int(meta, "format_version", path)
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: router format version {version} is newer than this l2c_jax reads "
-                              f"({FORMAT_VERSION})")
+            return dict(f.metadata() or {})
+    except Exception:  # a PyTorch file, or unreadable (then load_checkpoint_file has said so already)
+        return None
+
+
+def _load_project(path: str, tensors: Mapping[str, np.ndarray], kind: Optional[str],
+                  meta: Optional[dict]) -> Router:
+    if meta is None or meta.get("format") != FORMAT_NAME:
+        found = "not a safetensors file" if meta is None else f"metadata format {meta.get('format')!r}"
+        raise CheckpointError(f"{path}: holds 'prob' but is not an {FORMAT_NAME} file ({found})")
+    # The version first: a newer format may lay out its tensors differently.
+    formats.check_format_version(meta.get(formats.FIELD), FORMAT_VERSION, "router", path,
+                                 _migrate_hint(meta.get("kind")), oldest=formats.ROUTER_OLDEST,
+                                 missing=formats.FIELD not in meta)
+    # Format 1 is the only one so far: nothing to upgrade in memory.
+    prob = tensors.get("prob")
+    if not isinstance(prob, np.ndarray) or prob.ndim != 2:
+        shape = getattr(prob, "shape", None)
+        raise CheckpointError(f"{path}: {FORMAT_NAME} file without a 2-D 'prob' tensor"
+                              + (f" (found shape {shape})" if shape is not None else ""))
     file_kind = meta.get("kind")
     if file_kind not in KINDS:
         raise CheckpointError(f"{path}: router metadata kind {file_kind!r} is not one of {', '.join(KINDS)}")
     if kind is not None and kind != file_kind:
         raise ConfigError(f"{path}: router kind {kind!r} was asked for but the file is a {file_kind!r} router")
-    prob = tensors["prob"]
     steps, units = _meta_int(meta, "steps", path), _meta_int(meta, "num_units", path)
     if prob.shape != (steps, units):
         raise CheckpointError(f"{path}: prob has shape {prob.shape} but the metadata says ({steps}, {units})")
@@ -294,8 +313,10 @@ def load_router(path, kind: Optional[str] = None, threshold: Optional[float] = N
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of router parameters, found {type(obj).__name__}")
 
-    if "prob" in obj and isinstance(obj["prob"], np.ndarray) and obj["prob"].ndim == 2:
-        router = _load_project(path, obj, kind)
+    meta = _safetensors_meta(path)
+    if (meta is not None and meta.get("format") == FORMAT_NAME) or (
+            "prob" in obj and isinstance(obj["prob"], np.ndarray) and obj["prob"].ndim == 2):
+        router = _load_project(path, obj, kind, meta)
     else:
         if "routers" in obj:
             # The DiT training script's checkpoint: routers beside optimizer state and args.
@@ -357,7 +378,7 @@ def torch_state_dict(router: Router) -> dict:
     ckpt["routers"])` reads); U-ViT: `{"<i>.prob": tensor}`. Every row is its
     own tensor (own storage), like the original's per-step `Router` modules.
     """
-    import torch
+    torch = require_torch()
 
     rows = {f"{i}.prob": torch.from_numpy(np.array(router.prob[i], dtype=np.float32, copy=True))
             for i in range(router.steps)}
@@ -366,7 +387,7 @@ def torch_state_dict(router: Router) -> dict:
 
 def export_torch(router: Router, path) -> str:
     """torch.save of `torch_state_dict(router)`: plain tensors only, loadable with weights_only=True."""
-    import torch
+    torch = require_torch()
 
     path = os.fspath(path)
     parent = os.path.dirname(path)

@@ -23,9 +23,19 @@ from l2c_jax.errors import CheckpointError
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+def require_torch():
+    """PyTorch, needed only to read PyTorch files (the `converters` extra)."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError("reading PyTorch files (.pt/.pth/.bin/.ckpt) needs torch: "
+                              "pip install 'l2c_jax[converters]' (or convert to .safetensors elsewhere)") from None
+    return torch
+
+
 def _to_numpy(obj: Any) -> Any:
     """Tensors -> NumPy arrays, recursively through containers."""
-    import torch
+    torch = require_torch()
 
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu()
@@ -45,7 +55,7 @@ def _load_torch(path: str) -> Any:
     import pickle
     import warnings
 
-    import torch
+    torch = require_torch()
 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():

@@ -9,14 +9,12 @@ test with a module-level ``FAMILY = "dit"`` or ``"uvit"``; the ``io``,
 
 import functools
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (l2c_jax is pip-installed)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")

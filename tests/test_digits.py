@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from l2c_jax.configs import parse_config_flags
+from l2c_jax.cli import parse_config_flags
 
 ASSETS = os.path.join(ROOT, "assets", "digits")
 

@@ -10,7 +10,8 @@ from conftest import ROOT
 
 PACKAGE = "l2c_jax"
 # Layers a module of models/ or diffusion/ must not import (../shared/DESIGN.md).
-HIGHER = ("l2c_jax.sampling", "l2c_jax.training", "l2c_jax.bench", "l2c_jax.pipelines", "l2c_jax.jobs",
+HIGHER = ("l2c_jax.sampling", "l2c_jax.training", "l2c_jax.bench", "l2c_jax.pipelines", "l2c_jax.commands",
+          "l2c_jax.configs",
           "l2c_jax.model", "l2c_jax.vae")
 
 
@@ -96,14 +97,20 @@ def test_the_checker_sees_function_level_imports():
     assert "l2c_jax.convert.rules" in deps and "l2c_jax.model" in deps
 
 
-def test_import_and_sampling_load_no_tensorflow():
+def test_import_sampling_and_conversion_load_no_tensorflow():
+    router = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "routers", "DDIM20_router.pt")
     code = ("import sys, numpy as np, l2c_jax\n"
             "from l2c_jax.models.dit import DiTConfig\n"
             "m = l2c_jax.Model.random('dit', DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2,"
             " num_classes=4))\n"
             "l2c_jax.sample(m, np.zeros((1, 8, 8, 4), np.float32), np.array([1]), steps=2)\n"
-            "print('TF' if 'tensorflow' in sys.modules else 'NO_TF')\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, L2C_JAX_CACHE_DIR="")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+            "import l2c_jax.convert.dit, l2c_jax.convert.uvit, l2c_jax.convert.vae\n"
+            "from l2c_jax.commands import convert_router\n"
+            f"convert_router.main(['--checkpoint', {router!r}, '--summary', '--threshold', '0.1'])\n"
+            "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]\n"
+            "print('LOADED ' + ' '.join(bad) if bad else 'NO_TF')\n")
+    env = dict(os.environ, L2C_JAX_CACHE_DIR="")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip().endswith("NO_TF")
+    assert "cache steps compute" in p.stdout
+    assert p.stdout.strip().endswith("NO_TF"), p.stdout[-500:]

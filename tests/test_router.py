@@ -214,11 +214,7 @@ def test_truncated_file_refused(tmp_path):
 # ---------------------------------------------------------------------------
 
 def _cli_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_router_cli", os.path.join(ROOT, "convert", "router.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from l2c_jax.commands import convert_router as mod
     return mod
 
 

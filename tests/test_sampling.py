@@ -90,7 +90,7 @@ def test_sample_script_end_to_end_with_tiny_dit_and_vae(tmp_path):
                         "--out", str(vae_dir)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     work = tmp_path / "work"
-    r = subprocess.run([py, "scripts/sample.py", "--config", "configs/dit_smoke.py",
+    r = subprocess.run([py, "scripts/sample.py", "--config", "configs/dit_sample.py:smoke",
                         f"--config.model.checkpoint={dit_dir}", "--config.model.random_init=False",
                         f"--config.vae.checkpoint={vae_dir}",
                         f"--config.router.checkpoint={fixture_path('dit', 'dit_tiny_router_ddim10.pt')}",
@@ -111,7 +111,7 @@ def test_sample_script_refuses_router_for_other_steps(tmp_path):
     dit_dir = tmp_path / "dit"
     subprocess.run([sys.executable, "convert/dit.py", "--checkpoint", fixture_path("dit", "dit_tiny.pt"),
                     "--num-heads", "4", "--out", str(dit_dir)], cwd=ROOT, check=True, capture_output=True)
-    r = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/dit_smoke.py",
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/dit_sample.py:smoke",
                         f"--config.model.checkpoint={dit_dir}", "--config.model.random_init=False",
                         f"--config.router.checkpoint={fixture_path('dit', 'dit_tiny_router_ddim10.pt')}",
                         "--config.sampler.steps=20", "--workdir", str(tmp_path / "w")],

@@ -59,14 +59,14 @@ def tiny_setup(tmp_path_factory):
 
 
 def train_cmd(setup, workdir, steps=30, extra=()):
-    return [sys.executable, "scripts/train_router.py", "--config", "configs/router_dit_smoke.py", "--workdir", str(workdir),
+    return [sys.executable, "scripts/train_router.py", "--config", "configs/router_dit.py:smoke", "--workdir", str(workdir),
             "--config.model.random_init=False", f"--config.model.checkpoint={setup / 'dit'}",
             f"--config.vae.checkpoint={setup / 'vae'}", f"--config.data.image_folder={setup / 'images'}",
             f"--config.train.steps={steps}", "--config.train.lr=0.05", "--config.train.l1=0.01", *extra]
 
 
 def test_short_run_lowers_the_loss_and_writes_everything(tiny_setup, tmp_path):
-    from l2c_jax.configs import parse_config_flags
+    from l2c_jax.cli import parse_config_flags
     from l2c_jax.training.trainer import train_router
     cmd = train_cmd(tiny_setup, tmp_path / "w")
     config, workdir = parse_config_flags(cmd[2:])
@@ -130,7 +130,7 @@ def test_bad_configs_fail_cleanly(tiny_setup, tmp_path):
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path):
-    from l2c_jax.configs import parse_config_flags
+    from l2c_jax.cli import parse_config_flags
     from l2c_jax.training.trainer import TrainingDiverged, train_router
     config, workdir = parse_config_flags(train_cmd(tiny_setup, tmp_path / "nan", steps=10)[2:])
     train_router(config, workdir, report=lambda *_: None)
@@ -144,7 +144,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_pa
 
 def test_precomputed_latents_train_like_images(tiny_setup, tmp_path):
     lat = tmp_path / "lat"
-    r = subprocess.run([sys.executable, "scripts/extract_latents.py", "--config", "configs/router_dit_smoke.py",
+    r = subprocess.run([sys.executable, "scripts/extract_latents.py", "--config", "configs/router_dit.py:smoke",
                         "--workdir", str(lat), f"--config.vae.checkpoint={tiny_setup / 'vae'}",
                         f"--config.data.image_folder={tiny_setup / 'images'}", "--config.data.flip=True"],
                        cwd=ROOT, capture_output=True, text=True)

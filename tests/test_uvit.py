@@ -253,13 +253,9 @@ def _assert_one_line_error(r, *needles):
 
 def _run_in_process(capsys, *args):
     """The CLI's main under run_main, in this process (no interpreter start-up)."""
-    import importlib.util
-
     from l2c_jax.cli import run_main
 
-    spec = importlib.util.spec_from_file_location("convert_uvit_cli", os.path.join(ROOT, "convert", "uvit.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from l2c_jax.commands import convert_uvit as mod
     with pytest.raises(SystemExit) as e:
         run_main(mod.main, list(args))
     captured = capsys.readouterr()

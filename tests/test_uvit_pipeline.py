@@ -33,7 +33,7 @@ def overrides(root, extra=()):
 
 def test_sample_script_end_to_end_with_tiny_uvit_router_and_ldm_vae(converted, tmp_path):
     work = tmp_path / "work"
-    r = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/uvit_h2_256_nfe20_l2c.py",
+    r = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/uvit_sample.py:h2_256_nfe20_l2c",
                         *overrides(converted), "--config.labels=(1,2,3)", "--config.batch_size=2",
                         "--config.repeats=1", "--config.npz=samples.npz", "--workdir", str(work)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -68,10 +68,10 @@ def test_sample_script_end_to_end_with_tiny_uvit_router_and_ldm_vae(converted, t
 
 
 def test_unconditional_uvit_samples_without_labels(converted, tmp_path):
-    from l2c_jax.configs import parse_config_flags
+    from l2c_jax.cli import parse_config_flags
     from l2c_jax.pipelines import run_sampling
 
-    config, _ = parse_config_flags(["--config", "configs/uvit_h2_256_nfe20.py",
+    config, _ = parse_config_flags(["--config", "configs/uvit_sample.py:h2_256_nfe20",
                                     f"--config.model.checkpoint={converted / 'uvit_conv'}",
                                     f"--config.vae.checkpoint={converted / 'vae'}", "--config.sampler.steps=4",
                                     "--config.sampler.cfg_scale=0.0", "--config.num_samples=3",
@@ -82,10 +82,10 @@ def test_unconditional_uvit_samples_without_labels(converted, tmp_path):
 
 
 def test_router_for_another_nfe_is_refused(converted, tmp_path):
-    from l2c_jax.configs import parse_config_flags
+    from l2c_jax.cli import parse_config_flags
     from l2c_jax.pipelines import run_sampling
 
-    config, _ = parse_config_flags(["--config", "configs/uvit_h2_256_nfe20_l2c.py",
+    config, _ = parse_config_flags(["--config", "configs/uvit_sample.py:h2_256_nfe20_l2c",
                                     *overrides(converted, ["--config.sampler.steps=20"])])
     with pytest.raises(ConfigError, match="10 steps, sampling uses 20"):
         run_sampling(config, str(tmp_path), report=lambda *_: None)

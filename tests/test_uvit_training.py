@@ -85,7 +85,7 @@ def uvit_args(setup, workdir, steps, extra=()):
 
 @pytest.fixture(scope="module")
 def six_step_run(tiny_setup, tmp_path_factory):
-    from l2c_jax.configs import parse_config_flags
+    from l2c_jax.cli import parse_config_flags
     from l2c_jax.training.trainer import train_router
 
     config, workdir = parse_config_flags(uvit_args(tiny_setup, tmp_path_factory.mktemp("run") / "w", 6))
@@ -115,7 +115,7 @@ def test_short_uvit_run_trains_the_cache_rows_and_writes_a_router(six_step_run):
 
 
 def test_uvit_router_training_refuses_other_solvers(tiny_setup, tmp_path):
-    from l2c_jax.configs import parse_config_flags
+    from l2c_jax.cli import parse_config_flags
     from l2c_jax.training.trainer import train_router
 
     for extra, msg in [(["--config.sampler.name=dpm_solver3"], "dpm_solver2"),

@@ -1,6 +1,5 @@
 """KL autoencoder: parity with diffusers' AutoencoderKL and the LDM one, conversion, loading, refusals."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -163,9 +162,7 @@ def test_load_vae_refuses_other_family(tmp_path):
 
 
 def _cli(argv, capsys):
-    spec = importlib.util.spec_from_file_location("convert_vae_cli", os.path.join(ROOT, "convert", "vae.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from l2c_jax.commands import convert_vae as mod
     from l2c_jax.cli import run_main
 
     with pytest.raises(SystemExit) as e:

@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Optional
 
-from l2c_jax.bench.harness import ROOT, build_model, build_sampler, load_bench_router, typed_model
+from l2c_jax.bench.harness import build_model, package_env, build_sampler, load_bench_router, typed_model
 
 
 def _compile_probe(spec: dict) -> dict:
@@ -45,12 +45,11 @@ def measure_compile(config, strategy: str, batch: int, workers: int, cache_dir: 
     own = cache_dir is None
     cache_dir = cache_dir or tempfile.mkdtemp(prefix="l2c_xla_cache_")
     spec = dict(config=config.to_dict(), strategy=strategy, batch=batch, workers=workers, cache_dir=cache_dir)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = package_env()
     out = {}
     for phase in ("cold", "warm"):
         r = subprocess.run([sys.executable, "-c", "from l2c_jax.bench.compile_probe import _compile_probe_main as m; m()"],
-                           input=json.dumps(spec), capture_output=True, text=True, cwd=ROOT, env=env)
+                           input=json.dumps(spec), capture_output=True, text=True, env=env)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("L2C_COMPILE_PROBE ")]
         if r.returncode != 0 or not line:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -1,6 +1,6 @@
 """Achieved FLOP rate and model FLOPs utilisation (MFU) of the DiT forward.
 
-`scripts/benchmark.py --config configs/bench_dit_xl2_256_forward.py` (config
+`scripts/benchmark.py --config configs/bench.py:dit_xl2_256_forward` (config
 `mode="forward"`) times one full-model forward (every sub-layer computed, no
 CFG doubling: `batch_size` rows) and reports
 

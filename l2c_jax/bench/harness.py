@@ -14,7 +14,15 @@ import numpy as np
 
 from l2c_jax.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def package_env() -> dict:
+    """The environment for a child process that must import this very l2c_jax (installed or not)."""
+    from l2c_jax.resources import PACKAGE_DIR
+
+    site = os.path.dirname(PACKAGE_DIR)
+    return dict(os.environ, PYTHONPATH=site + (os.pathsep + os.environ["PYTHONPATH"]
+                                               if os.environ.get("PYTHONPATH") else ""))
 
 
 def _cpu_model() -> str:
@@ -86,33 +94,19 @@ def rel_rms(a, b) -> Optional[float]:
 
 
 def model_config(config):
-    """The DiTConfig a benchmark config names: `model.arch` (dict) or `model.name` + `model.input_size`."""
-    from l2c_jax.models.dit import DiTConfig
-
-    mc = config.model
-    arch = mc.get("arch")
-    if arch:
-        return DiTConfig(**(arch.to_dict() if hasattr(arch, "to_dict") else dict(arch)))
-    return DiTConfig.from_name(mc.get("name", "DiT-XL/2"), input_size=int(mc.get("input_size", 32)))
+    """The DiTConfig a benchmark config's `model` section names (schema: l2c_jax/configs/common.py)."""
+    return build_model(config, abstract=True).config
 
 
 def build_model(config, abstract: bool = False):
-    """A float32 `Model`: converted (`model.checkpoint`) or random (`model.random_init`); abstract = shapes only."""
-    from l2c_jax.model import Model, abstract_params, load_model
+    """A float32 DiT `Model` from `config.model`: converted (`checkpoint`) or random (`random_init`,
+    `name` + `arch`), as `l2c_jax.model.model_from_config` reads it; abstract = shapes only."""
+    from l2c_jax.model import model_from_config
 
-    mc = config.model
-    if mc.get("checkpoint") and not mc.get("random_init", False):
-        if abstract:
-            from l2c_jax import checkpoint as ck
-            from l2c_jax.model import family_of
-            meta = ck.read_model_meta(mc.checkpoint)
-            cfg = family_of(meta["family"])[0](**meta["config"])
-            return Model(meta["family"], cfg, abstract_params(meta["family"], cfg))
-        return load_model(mc.checkpoint)
-    cfg = model_config(config)
-    if abstract:
-        return Model("dit", cfg, abstract_params("dit", cfg))
-    return Model.random("dit", cfg, int(mc.get("init_seed", 0)))
+    model = model_from_config(config.model, abstract=abstract)
+    if model.family != "dit":
+        raise ConfigError(f"the benchmark times DiT sampling; config.model is a {model.family} model")
+    return model
 
 
 def load_bench_router(config, model, steps: int):
@@ -136,7 +130,7 @@ def typed_model(model, dtype):
     """The model computing in `dtype`; for bfloat16 its parameters are stored in bfloat16 too."""
     import jax.numpy as jnp
     from l2c_jax.model import Model
-    from l2c_jax.models.dit_scan import cast_floating
+    from l2c_jax.parallel import cast_floating
 
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
@@ -145,23 +139,18 @@ def typed_model(model, dtype):
 
 
 def resolve_strategy(name: str) -> str:
-    from l2c_jax.sampling.strategies import STRATEGIES, default_strategy
+    from l2c_jax.sampling.base import resolve_strategy as resolve
 
-    if name in ("", "auto", None):
-        return default_strategy()
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r} (known: auto, {', '.join(STRATEGIES)})")
-    return name
+    return resolve(name)
 
 
 def build_sampler(model, config, strategy: str):
-    from l2c_jax.sampling.strategies import make_sampler
+    from l2c_jax.sampling import sampler_class
 
     sc = config.sampler
-    return make_sampler(model, int(sc.steps), strategy, solver=sc.get("name", "ddim"),
-                        cfg_scale=sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
-                        guidance_channels=sc.get("guidance_channels", 3),
-                        unroll=int(config.get("scan_unroll", 1)))
+    return sampler_class(model.family)(model, int(sc.steps), solver=sc.get("name", "ddim"),
+                                       cfg_scale=sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
+                                       guidance_channels=sc.get("guidance_channels", 3), strategy=strategy)
 
 
 def inputs(config, model, batch: int):

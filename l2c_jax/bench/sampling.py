@@ -1,7 +1,7 @@
 """`scripts/benchmark.py` (mode "sample"): latency, compile time, memory and FLOP bound of DiT sampling with L2C.
 
 One run of `run_benchmark(config)` measures, for one batch size, precision and
-execution strategy (`l2c_jax.sampling.strategies`):
+execution strategy (`l2c_jax.sampling.base`):
 
 - latency per batch of the full schedule and of the L2C schedule: warm-up
   runs excluded, then `repeats` timed runs of each, interleaved (full, L2C,

@@ -20,6 +20,7 @@ sampling process is compared with the float32 weights of model + VAE.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import shutil
@@ -30,15 +31,15 @@ from typing import Callable, List
 
 import numpy as np
 
-from l2c_jax.bench.harness import ROOT, machine_info
+from l2c_jax.bench.harness import machine_info, package_env
 from l2c_jax.errors import ConfigError
 
 FAMILIES = {
-    # family: (arch name, converter, model file, VAE naming, VAE file, sampling config)
-    "dit": ("DiT-XL/2", "convert/dit.py", "DiT-XL-2-256x256.pt", "diffusers", "diffusion_pytorch_model.safetensors",
-            "configs/dit_xl2_256_ddim20_l2c.py"),
-    "uvit": ("U-ViT-H/2", "convert/uvit.py", "imagenet256_uvit_huge.pth", "ldm", "autoencoder_kl_ema.pth",
-             "configs/uvit_h2_256_nfe20_l2c.py"),
+    # family: (arch name, converter module, model file, VAE naming, VAE file, sampling config)
+    "dit": ("DiT-XL/2", "l2c_jax.commands.convert_dit", "DiT-XL-2-256x256.pt", "diffusers", "diffusion_pytorch_model.safetensors",
+            "configs/dit_sample.py:xl2_256_ddim20_l2c"),
+    "uvit": ("U-ViT-H/2", "l2c_jax.commands.convert_uvit", "imagenet256_uvit_huge.pth", "ldm", "autoencoder_kl_ema.pth",
+             "configs/uvit_sample.py:h2_256_nfe20_l2c"),
 }
 
 
@@ -55,6 +56,7 @@ def write_random_checkpoints(family: str, directory: str, seed: int = 0) -> dict
 
     from l2c_jax.convert.vae import vae_state_dict
     from l2c_jax.model import Model
+    from l2c_jax.models.families import family_of
     from l2c_jax.models.vae import VAEConfig, abstract_vae_params
 
     arch, _, _, naming, vae_file, _ = FAMILIES[family]
@@ -66,14 +68,9 @@ def write_random_checkpoints(family: str, directory: str, seed: int = 0) -> dict
         os.replace(path + ".tmp", path)
 
     if not os.path.exists(paths["model"]):
-        if family == "dit":
-            from l2c_jax.convert.dit import state_dict_of
-            from l2c_jax.models.dit import DiTConfig
-            model = Model.random("dit", DiTConfig.from_name(arch, input_size=32), seed)
-        else:
-            from l2c_jax.convert.uvit import state_dict_of
-            from l2c_jax.models.uvit import UViTConfig
-            model = Model.random("uvit", UViTConfig.from_name(arch), seed)
+        # Each family's converter module also writes the original layout back (`state_dict_of`).
+        state_dict_of = importlib.import_module(f"l2c_jax.convert.{family}").state_dict_of
+        model = Model.random(family, family_of(family).config_cls.from_name(arch), seed)
         sd = state_dict_of(model.params)
         del model
         save_torch(sd, paths["model"])
@@ -95,11 +92,11 @@ def write_random_checkpoints(family: str, directory: str, seed: int = 0) -> dict
 
 
 def run_measured(cmd: List[str], log_path: str) -> dict:
-    """Runs a command in the project root; its wall time, exit status and peak RSS (os.wait4)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    """Runs a command; its wall time, exit status and peak RSS (os.wait4)."""
+    env = package_env()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -107,7 +104,7 @@ def run_measured(cmd: List[str], log_path: str) -> dict:
     if p.returncode != 0:
         with open(log_path) as f:
             tail = " | ".join(f.read().strip().splitlines()[-3:])
-        raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {p.returncode}): {tail[-400:]}")
+        raise RuntimeError(f"{' '.join(cmd[1:4])} failed (exit {p.returncode}): {tail[-400:]}")
     return dict(wall_s=wall, peak_rss_bytes=peak, log=log_path)
 
 
@@ -148,21 +145,19 @@ def run_user_path(config, report: Callable = print) -> dict:
     shutil.rmtree(os.path.join(work, "ckpt"), ignore_errors=True)  # converted afresh every run: that is measured
     row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), family=family,
                arch=arch, machine=machine_info(), batch_size=int(config.batch_size))
-    conv = [py, converter, "--checkpoint", paths["model"], "--model", arch, "--out", model_dir]
+    conv = [py, "-m", converter, "--checkpoint", paths["model"], "--model", arch, "--out", model_dir]
     row["convert_model"] = run_measured(conv, os.path.join(work, "convert_model.log"))
-    row["convert_vae"] = run_measured([py, "convert/vae.py", "--checkpoint", paths["vae"], "--out", vae_dir],
+    row["convert_vae"] = run_measured([py, "-m", "l2c_jax.commands.convert_vae", "--checkpoint", paths["vae"], "--out", vae_dir],
                                       os.path.join(work, "convert_vae.log"))
     weights = dict(model=_tree_bytes(model_dir), vae=_tree_bytes(vae_dir))
     row["weights_bytes"] = weights
     labels = ", ".join(str(i) for i in range(207, 207 + int(config.batch_size)))
-    cmd = [py, "scripts/sample.py", "--config", sample_config, f"--config.model.checkpoint={model_dir}",
+    cmd = [py, "-m", "l2c_jax.commands.sample", "--config", sample_config, f"--config.model.checkpoint={model_dir}",
            f"--config.vae.checkpoint={vae_dir}", f"--config.router.checkpoint={config.router}",
            f"--config.batch_size={int(config.batch_size)}", f"--config.labels=({labels},)",
            f"--config.repeats={int(config.repeats)}", f"--config.dtype={config.get('dtype', 'float32')}",
-           "--workdir", os.path.join(work, "samples")]
-    if family == "dit":
-        cmd.append(f"--config.strategy={config.get('strategy', 'auto')}")
-    row["command"] = " ".join(["python"] + cmd[1:])
+           "--workdir", os.path.join(work, "samples"), f"--config.strategy={config.get('strategy', 'auto')}"]
+    row["command"] = " ".join(["l2c-sample"] + cmd[3:])
     row["sample"] = run_measured(cmd, os.path.join(work, "sample.log"))
     with open(os.path.join(work, "samples", "report.json")) as f:
         job = json.load(f)

@@ -1,11 +1,14 @@
-"""The layer-cache contract shared by every model.
+"""The layer-cache contract shared by every model, and the one unit runner every block calls.
 
 A model with D blocks has 2*D cacheable units: column 2i is the attention
 branch of block i, 2i+1 its MLP branch. A unit's cached value is its output
 *as used* in the residual stream at the last call (before DiT's adaLN gate).
 
-- `mask` is a static tuple of 2*D bools (True = compute). A False unit is
-  never traced, so under `jax.jit` it is absent from the compiled graph.
+- `mask` chooses, per unit, compute (True) or reuse the cached value (False):
+  - a static tuple of 2*D Python bools: a False unit is never traced, so under
+    `jax.jit` it is absent from the compiled graph (one graph per mask);
+  - a (2*D,) boolean jax array (traced under jit): each unit sits behind a
+    conditional, so ONE graph serves every schedule (the "cond" strategy).
 - `beta` (2*D,) interpolates every computed unit with its cached value:
   `beta*computed + (1-beta)*cached`; differentiable, used to train routers.
 - The returned cache is a tuple of 2*D arrays (B, tokens, width).
@@ -15,32 +18,59 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import flax.linen as nn
+import jax
+
 from l2c_jax.errors import ConfigError
 
 
+def is_traced_mask(mask) -> bool:
+    """True for a mask given as a jax array (one graph, units behind `lax.cond`)."""
+    return isinstance(mask, jax.Array)
+
+
 def check_mask(mask, num_units: int):
-    """Normalises a mask to a tuple of Python bools, or None."""
+    """Normalises a mask: None (all compute), a tuple of Python bools, or a (num_units,) bool jax array."""
     if mask is None:
         return None
+    if is_traced_mask(mask):
+        if mask.shape != (num_units,):
+            raise ConfigError(f"mask has shape {tuple(mask.shape)}, the model has {num_units} cacheable sub-layers")
+        return mask.astype(bool)
     try:
         mask = tuple(bool(m) for m in mask)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ConfigError(f"mask must be a sequence of {num_units} bools, got {type(mask).__name__}") from None
     if len(mask) != num_units:
         raise ConfigError(f"mask has {len(mask)} entries, the model has {num_units} cacheable sub-layers")
     return None if all(mask) else mask
 
 
-def run_unit(index: int, compute: Callable, cache: Optional[Sequence], mask, beta):
-    """Computes, reuses or interpolates unit `index` according to the contract."""
-    if mask is not None and not mask[index]:
+def run_unit(module: nn.Module, index: int, compute: Callable, cache: Optional[Sequence], mask, beta, dtype):
+    """Unit `index`'s output: computed, reused from `cache`, or interpolated, as the contract says.
+
+    module: the calling block (a traced mask's `nn.cond` runs its branches in
+    that module's scope). compute: builds the unit's submodules by their
+    PyTorch names and applies them; it is called at most once. dtype: the
+    computation dtype (under a traced mask both branches return it).
+    """
+    traced = is_traced_mask(mask)
+    if mask is not None and not traced and not mask[index]:
         if cache is None:
             raise ConfigError(f"mask reuses sub-layer {index} but no cache was given")
         return cache[index]
-    out = compute()
-    if beta is not None:
-        if cache is None:
-            raise ConfigError("beta interpolates with the cache, but no cache was given")
+    if (beta is not None or traced) and cache is None:
+        raise ConfigError("beta or a traced mask works with the cache, but no cache was given")
+
+    def computed(cached):
+        out = compute()
+        if beta is None:
+            return out
         b = beta[index].astype(out.dtype)
-        out = b * out + (1 - b) * cache[index].astype(out.dtype)
-    return out
+        return b * out + (1 - b) * cached.astype(out.dtype)
+
+    if not traced:
+        return computed(None if cache is None else cache[index])
+    # One graph for every schedule: the unit runs only where the traced mask says so.
+    cached = cache[index].astype(dtype)
+    return nn.cond(mask[index], lambda mdl, c: computed(c).astype(dtype), lambda mdl, c: c, module, cached)

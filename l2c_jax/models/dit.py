@@ -51,6 +51,10 @@ class DiTConfig:
     def null_class(self) -> int:
         return self.num_classes
 
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
     @classmethod
     def from_name(cls, name: str, **kw) -> "DiTConfig":
         depth, hidden, patch, heads = DIT_VARIANTS[name]
@@ -85,16 +89,19 @@ class DiTBlock(nn.Module):
     def __call__(self, x, c, index: int, cache=None, mask=None, beta=None):
         mod = nn.Dense(6 * self.hidden_size, dtype=self.dtype, name="adaLN_modulation_1")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        # Submodules are bound eagerly so a skipped unit still has its parameters.
-        attn = Attention(self.hidden_size, self.num_heads, qkv_bias=True, dtype=self.dtype, name="attn")
-        mlp = Mlp(int(self.hidden_size * self.mlp_ratio), self.hidden_size, approximate_gelu=True,
-                  dtype=self.dtype, name="mlp")
 
-        attn_out = run_unit(2 * index, lambda: attn(modulate(layer_norm(x, 1e-6), shift_msa, scale_msa)),
-                            cache, mask, beta)
+        def attn():
+            h = modulate(layer_norm(x, 1e-6), shift_msa, scale_msa)
+            return Attention(self.hidden_size, self.num_heads, qkv_bias=True, dtype=self.dtype, name="attn")(h)
+
+        def mlp():
+            h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp)
+            return Mlp(int(self.hidden_size * self.mlp_ratio), self.hidden_size, approximate_gelu=True,
+                       dtype=self.dtype, name="mlp")(h)
+
+        attn_out = run_unit(self, 2 * index, attn, cache, mask, beta, self.dtype)
         x = x + gate_msa[:, None] * attn_out
-        mlp_out = run_unit(2 * index + 1, lambda: mlp(modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp)),
-                           cache, mask, beta)
+        mlp_out = run_unit(self, 2 * index + 1, mlp, cache, mask, beta, self.dtype)
         x = x + gate_mlp[:, None] * mlp_out
         return x, (attn_out, mlp_out)
 

@@ -120,14 +120,17 @@ class Block(nn.Module):
     def __call__(self, x, skip, index: int, cache=None, mask=None, beta=None):
         if self.skip:
             x = nn.Dense(self.dim, dtype=self.dtype, name="skip_linear")(jnp.concatenate([x, skip], axis=-1))
-        norm1 = LayerNorm(1e-5, name="norm1")
-        attn = Attention(self.dim, self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype, name="attn")
-        norm2 = LayerNorm(1e-5, name="norm2")
-        mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, approximate_gelu=False, dtype=self.dtype, name="mlp")
+        def attn():
+            return Attention(self.dim, self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
+                             name="attn")(LayerNorm(1e-5, name="norm1")(x))
 
-        attn_out = run_unit(2 * index, lambda: attn(norm1(x)), cache, mask, beta)
+        def mlp():
+            return Mlp(int(self.dim * self.mlp_ratio), self.dim, approximate_gelu=False, dtype=self.dtype,
+                       name="mlp")(LayerNorm(1e-5, name="norm2")(x))
+
+        attn_out = run_unit(self, 2 * index, attn, cache, mask, beta, self.dtype)
         x = x + attn_out
-        mlp_out = run_unit(2 * index + 1, lambda: mlp(norm2(x)), cache, mask, beta)
+        mlp_out = run_unit(self, 2 * index + 1, mlp, cache, mask, beta, self.dtype)
         x = x + mlp_out
         return x, (attn_out, mlp_out)
 

@@ -17,12 +17,22 @@ import jax.numpy as jnp
 
 from l2c_jax import compile_cache
 from l2c_jax.errors import ConfigError
-from l2c_jax.sampling.dit import DiTSampler, computed_share  # noqa: F401  (public names)
-from l2c_jax.sampling.strategies import default_strategy, make_sampler
+from l2c_jax.sampling.base import STRATEGIES, computed_share, resolve_strategy
+from l2c_jax.sampling.dit import DiTSampler
 from l2c_jax.sampling.uvit import UViTSampler
 
+__all__ = ["DiTSampler", "UViTSampler", "STRATEGIES", "computed_share", "resolve_strategy", "sample", "sampler_for",
+           "router_masks", "as_router", "is_guided", "sampler_class"]
 
-ROUTER_KINDS = {"dit": "dit-ddim", "uvit": "uvit-dpm2"}
+# Each family's sampler, by the family name a model carries (a plain table: nothing registers).
+SAMPLERS = {cls.family: cls for cls in (DiTSampler, UViTSampler)}
+ROUTER_KINDS = {name: cls.router_kind for name, cls in SAMPLERS.items()}
+
+
+def sampler_class(family: str):
+    if family not in SAMPLERS:
+        raise ConfigError(f"no sampler for model family {family!r} (known: {', '.join(SAMPLERS)})")
+    return SAMPLERS[family]
 
 
 def router_masks(model, router, threshold, steps: int):
@@ -67,34 +77,25 @@ def _hashable(v):
 
 def is_guided(family: str, cfg_scale) -> bool:
     # DiT's forward_with_cfg is the identity at scale 1; U-ViT's cond + s*(cond - uncond) at scale 0.
-    return cfg_scale is not None and float(cfg_scale) != (1.0 if family == "dit" else 0.0)
+    return cfg_scale is not None and float(cfg_scale) != sampler_class(family).guidance_off
 
 
 def sampler_for(model, solver: str, steps: int, guided: bool, strategy: str = "static", **kw):
     """The model's sampler for this graph-changing key, built on first use and then kept on the model."""
+    cls = sampler_class(model.family)
+    if solver not in cls.solvers:
+        raise ConfigError(f"{model.family} samples with {' | '.join(map(repr, cls.solvers))}, not {solver!r}")
     if "cache_dtype" in kw and kw["cache_dtype"] is not None:
         kw["cache_dtype"] = jnp.dtype(kw["cache_dtype"]).name
-    if model.family == "dit":
-        if solver not in ("ddim", "ddpm"):
-            raise ConfigError(f"DiT samples with 'ddim' or 'ddpm', not {solver!r}")
-        strategy = default_strategy() if strategy == "auto" else strategy
-    elif model.family == "uvit":
-        if strategy not in ("static", "auto"):
-            raise ConfigError(f"U-ViT samples with the static strategy only, not {strategy!r}")
-        strategy = "static"
-    else:
-        raise ConfigError(f"no sampler for model family {model.family!r}")
+    strategy = resolve_strategy(strategy)
     samplers = getattr(model, "samplers", None)
     if samplers is None:  # a Model look-alike without the cache: build every time
         samplers = {}
     key = (model.family, solver, int(steps), strategy, bool(guided), _hashable(kw))
     if key not in samplers:
-        # The scale given at build time only marks guidance on; each call passes its own.
-        if model.family == "dit":
-            samplers[key] = make_sampler(model, int(steps), strategy, solver=solver,
-                                         cfg_scale=4.0 if guided else None, **kw)
-        else:
-            samplers[key] = UViTSampler(model, int(steps), cfg_scale=1.0 if guided else None, solver=solver, **kw)
+        # The scale given at build time only marks guidance on (any value but the identity); each call passes its own.
+        samplers[key] = cls(model, int(steps), solver=solver, cfg_scale=cls.guidance_off + 1.0 if guided else None,
+                            strategy=strategy, **kw)
     return samplers[key]
 
 
@@ -111,10 +112,10 @@ def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Op
     masks: instead of a router, a schedule of your own: (model evaluations,
     2*num_blocks) bools in sampling order (DiT DDIM: `steps` rows; U-ViT
     DPM-Solver-2: NFE rows, cond and uncond of one evaluation share a row).
-    strategy (DiT): "static" (one graph per distinct mask), "cond" / "scan" (one graph
-    with each sub-layer behind lax.cond), or "auto" (the backend's measured default).
+    strategy: "static" (one graph per distinct mask), "cond" (one graph with each
+    sub-layer behind lax.cond), or "auto" (the backend's measured default).
     kw: sampler options (DiT: eta, guidance_channels, respacing, cache_dtype, ...;
-    U-ViT: skip_type, batch_cfg, cache_dtype, ...). key: DiT's DDPM / eta > 0 noise; U-ViT ignores it.
+    U-ViT: skip_type, batch_cfg, cache_dtype, ...). key: DiT's DDPM / eta > 0 noise (DPM-Solver draws none).
     """
     if router is not None and masks is not None:
         raise ConfigError("pass a router or masks, not both")
@@ -124,10 +125,5 @@ def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Op
     guided = is_guided(model.family, cfg_scale)
     sampler = sampler_for(model, solver, steps, guided, strategy, **kw)
     if router is not None:
-        rows = sampler.steps if model.family == "dit" else sampler.nfe
-        masks = router_masks(model, as_router(router, model), threshold, rows)
-    scale = cfg_scale if guided else None
-    if model.family == "dit":
-        return sampler(noise, y, masks, key=key, progress=progress, cfg_scale=scale)
-    # U-ViT's DPM-Solver is deterministic: a key is accepted and unused, as it always was.
-    return sampler(noise, y, masks=masks, progress=progress, cfg_scale=scale)
+        masks = router_masks(model, as_router(router, model), threshold, sampler.rows)
+    return sampler(noise, y, masks, key=key, progress=progress, cfg_scale=cfg_scale if guided else None)

@@ -1,22 +1,23 @@
 """DiT sampling with the learned cache: DDIM (or ancestral DDPM) over a respaced schedule.
 
 Each sampler step is one jitted function of (params, x, cache, index, labels,
-noise). The cache mask of a step is static, so every distinct mask compiles
-once (kept in `DiTSampler._compiled`) and a reused sub-layer is absent from
-that step's graph. The feature cache is an explicit pytree carried from one
-step to the next; a step whose successor reuses nothing does not return it,
-so XLA need not keep those activations alive. The latents and the cache are
-donated to each step (their buffers are reused for the step's outputs), so
-memory stays flat however many steps run; `cache_dtype` (e.g. bfloat16) keeps
-the carried cache narrower than the computation. The guidance scale is an
-argument of the compiled step, not a constant in it: changing it compiles
-nothing.
+noise, scale, mask). With the "static" strategy the cache mask of a step is
+static, so every distinct mask compiles once and a reused sub-layer is absent
+from that step's graph; with "cond" one graph takes the mask as an array
+(`l2c_jax.sampling.base`). The feature cache is an explicit pytree carried
+from one step to the next; a static step whose successor reuses nothing does
+not return it, so XLA need not keep those activations alive. The latents and
+the cache are donated to each step (their buffers are reused for the step's
+outputs), so memory stays flat however many steps run; `cache_dtype` (e.g.
+bfloat16) keeps the carried cache narrower than the computation. The
+guidance scale is an argument of the compiled step, not a constant in it:
+changing it compiles nothing.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,11 @@ import numpy as np
 
 from l2c_jax.diffusion.gaussian import create_diffusion
 from l2c_jax.errors import ConfigError
-from l2c_jax.memory import release_free_heap
 from l2c_jax.models.cache import check_mask
+from l2c_jax.sampling.base import Sampler, abstract, call_scale, cast_cache, computed_share
 
 
-class DiTSampler:
+class DiTSampler(Sampler):
     """Samples latents from a DiT `Model`.
 
     solver: "ddim" (eta 0 by default, deterministic given the noise) or "ddpm"
@@ -38,11 +39,18 @@ class DiTSampler:
     the scale given here is the default of `__call__`, which may pass another.
     cache_dtype: dtype of the feature cache carried between steps (None: the
     model's computation dtype); reused values are cast back before use.
+    strategy: "static" (a graph per distinct mask), "cond" (one graph, each
+    unit behind `lax.cond`) or "auto" (the backend's default; `l2c_jax.sampling.base`).
     """
+
+    family = "dit"
+    router_kind = "dit-ddim"
+    solvers = ("ddim", "ddpm")
+    guidance_off = 1.0
 
     def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
                  eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
-                 noise_schedule: str = "linear", cache_dtype=None):
+                 noise_schedule: str = "linear", cache_dtype=None, strategy: str = "static"):
         if model.family != "dit":
             raise ConfigError(f"DiTSampler needs a DiT model, got {model.family}")
         if solver not in ("ddim", "ddpm"):
@@ -59,10 +67,27 @@ class DiTSampler:
                                           learn_sigma=model.config.learn_sigma)
         self.steps = self.diffusion.num_timesteps
         self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
-        self._compiled = {}
+        self._init_steps(strategy)
+
+    @property
+    def rows(self) -> int:
+        """Rows of a schedule (and of this sampler's routers): one per sampler step."""
+        return self.steps
+
+    @property
+    def draws_noise(self) -> bool:
+        return self.solver == "ddpm" or self.eta > 0
+
+    @classmethod
+    def options_from_config(cls, sc) -> dict:
+        return dict(eta=sc.get("eta", 0.0), guidance_channels=sc.get("guidance_channels", 3))
+
+    def describe(self) -> tuple:
+        return f"{self.steps} {self.solver.upper()} steps", f"{self.steps} x {self.model.num_units}"
 
     # ------------------------------------------------------------------ steps
-    def _step(self, params, x, cache, i, y, noise, cfg_scale, *, mask, keep_cache):
+    def _step(self, params, x, cache, i, y, noise, cfg_scale, mask_arr, *, mask, keep_cache):
+        mask = mask_arr if mask_arr is not None else mask
         t = jnp.broadcast_to(self.diffusion.model_timesteps(i), (x.shape[0],))
         cache = cast_cache(cache, self.model.dtype if self.cache_dtype is not None else None)
         if cfg_scale is None:
@@ -76,19 +101,47 @@ class DiTSampler:
             x = self.diffusion.ddpm_step(out, x, i, noise)
         return x, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None)
 
-    def step_fn(self, mask, keep_cache: bool):
-        """The jitted step for one static mask (compiled on first use, then reused).
+    def _plan(self, schedule) -> list:
+        # static: (mask, keep the cache for the next step, a cache comes in); cond: one graph, cache always carried.
+        if self.strategy == "cond":
+            return [("cond", True, True)] * len(schedule)
+        keys, has_cache = [], False
+        for s, m in enumerate(schedule):
+            keep = s + 1 < len(schedule) and schedule[s + 1] is not None
+            keys.append((m, keep, has_cache))
+            has_cache = keep
+        return keys
 
-        Call it as `fn(params, x, cache, i, y, noise, cfg_scale)`; x (and a passed-on cache) are donated.
-        """
-        key = (mask, keep_cache)
-        if key not in self._compiled:
-            # x always, and the incoming cache where the step passes one on, give their buffers to the outputs.
-            self._compiled[key] = jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep_cache),
-                                          donate_argnums=(1, 2) if keep_cache else (1,))
-        return self._compiled[key]
+    def _build(self, key):
+        mask, keep, _ = key
+        mask = None if mask == "cond" else mask
+        # x always, and the incoming cache where the step passes one on, give their buffers to the outputs.
+        return jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep),
+                       donate_argnums=(1, 2) if keep else (1,))
 
-    def schedule(self, masks=None) -> list:
+    def _rows(self, x) -> int:
+        return int(x.shape[0]) // (2 if self.cfg_scale is not None else 1)
+
+    def _cache_units(self, rows: int, abstract_only: bool = False):
+        cfg = self.model.config
+        shape = (rows, (cfg.input_size // cfg.patch_size) ** 2, cfg.hidden_size)
+        dtype = self.cache_dtype or self.model.dtype
+        if abstract_only:
+            return (jax.ShapeDtypeStruct(shape, dtype),) * cfg.num_units
+        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_units))
+
+    def _lower(self, key, batch: int):
+        cfg = self.model.config
+        rows = batch * (2 if self.cfg_scale is not None else 1)
+        x = jax.ShapeDtypeStruct((rows, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+        y = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        cache = self._cache_units(rows, abstract_only=True) if key[2] else None
+        scale = None if self.cfg_scale is None else jax.ShapeDtypeStruct((), jnp.float32)
+        mask_arr = jax.ShapeDtypeStruct((cfg.num_units,), jnp.bool_) if key[0] == "cond" else None
+        return self.function(key).lower(abstract(self.model.params), x, cache, jax.ShapeDtypeStruct((), jnp.int32),
+                                        y, None, scale, mask_arr)
+
+    def schedule_of(self, masks=None) -> list:
         """Normalised per-step masks in sampling order (None = compute everything)."""
         if masks is None:
             return [None] * self.steps
@@ -137,54 +190,22 @@ class DiTSampler:
             y = jnp.concatenate([y, jnp.full_like(y, cfg.null_class)], 0)
         else:
             x = jnp.array(noise, copy=True)  # the steps donate x: never hand them the caller's array
-        schedule = self.schedule(masks)
-        cache = None
+        schedule = self.schedule_of(masks)
+        plan = self._plan(schedule)
+        cache = self._cache_units(x.shape[0]) if self.strategy == "cond" else None
         indices = self.diffusion.sampling_indices()
         if max_steps and max_steps < len(indices):
-            schedule, indices = schedule[:max_steps], indices[:max_steps]
+            schedule, plan, indices = schedule[:max_steps], plan[:max_steps], indices[:max_steps]
         it = enumerate(indices)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, total=len(indices), desc="sampling", leave=False)
         for s, i in it:
-            keep = s + 1 < len(schedule) and schedule[s + 1] is not None
             step_noise = None
             if key is not None:
                 key, sub = jax.random.split(key)
                 step_noise = jax.random.normal(sub, x.shape, x.dtype)
-            graphs = len(self._compiled)
-            x, cache = self.step_fn(schedule[s], keep)(self.model.params, x, cache, jnp.int32(i), y, step_noise,
-                                                       None if scale is None else jnp.float32(scale))
-            if len(self._compiled) > graphs:  # this step compiled a graph: hand its scratch memory back
-                release_free_heap()
+            x, cache = self.run(plan[s], self.model.params, x, cache, jnp.int32(i), y, step_noise,
+                                None if scale is None else jnp.float32(scale), self.mask_arg(schedule[s]),
+                                aot_ok=step_noise is None)
         return x[:b]
-
-
-def call_scale(built, given, off_value: float):
-    """One call's guidance scale: `given` ("default": the sampler's own `built`), None when guidance is off.
-
-    Guidance on or off changes the graph (the batch doubles), so a sampler built
-    one way refuses the other; any scale of the same kind is only an argument.
-    """
-    if isinstance(given, str) and given == "default":
-        return built
-    off = given is None or float(given) == off_value
-    if off != (built is None):
-        raise ConfigError("this sampler was built " + ("without" if built is None else "with")
-                          + f" classifier-free guidance; build another for cfg_scale={given!r}")
-    return None if off else float(given)
-
-
-def cast_cache(cache, dtype):
-    """The feature cache (a pytree, or None) in `dtype` (None: unchanged)."""
-    if cache is None or dtype is None:
-        return cache
-    return jax.tree.map(lambda a: a.astype(dtype), cache)
-
-
-def computed_share(masks: Optional[Sequence], steps: int, num_units: int) -> float:
-    """Share of sub-layer evaluations a schedule computes (1.0 without a cache)."""
-    if masks is None:
-        return 1.0
-    m = np.asarray(masks, dtype=bool)
-    return float(m.sum()) / float(steps * num_units)

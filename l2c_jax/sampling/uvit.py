@@ -22,10 +22,11 @@ first evaluation of each solver step, every other evaluation full), which is
 exactly the rule above.
 
 The solver loop and its arithmetic stay in Python (a few small ops per
-step); every model evaluation is one call of a jitted function whose cache
-mask is static. Each distinct mask compiles once (kept in
-`UViTSampler._compiled`), shared by every step that uses it, and a reused
-sub-layer is absent from that program. The cache is an explicit pytree
+step); every model evaluation is one call of a jitted function. With the
+"static" strategy its cache mask is static: each distinct mask compiles once,
+shared by every step that uses it, and a reused sub-layer is absent from that
+program; with "cond" one program takes the mask as an array
+(`l2c_jax.sampling.base`). The cache is an explicit pytree
 carried between evaluations, returned only when the next step reuses it. By
 default the conditional and unconditional branches run as one batch
 [cond | uncond] (each sample's cache rows are its own, so the branches keep
@@ -47,9 +48,8 @@ import numpy as np
 from l2c_jax.diffusion.dpm_solver import DPMSolver
 from l2c_jax.diffusion.vp import DiscreteVPSchedule
 from l2c_jax.errors import ConfigError
-from l2c_jax.memory import release_free_heap
 from l2c_jax.models.cache import check_mask
-from l2c_jax.sampling.dit import call_scale, cast_cache
+from l2c_jax.sampling.base import Sampler, abstract, call_scale, cast_cache
 
 # solver name -> (method, order)
 SOLVERS = {
@@ -67,7 +67,7 @@ def parse_solver(solver: str):
     return SOLVERS[solver]
 
 
-class UViTSampler:
+class UViTSampler(Sampler):
     """Samples latents from a U-ViT `Model` with DPM-Solver (data prediction).
 
     steps: NFE, model evaluations per sample and branch (the released routers'
@@ -76,13 +76,19 @@ class UViTSampler:
     `cond + s * (cond - uncond)`; None or 0 disables it. skip_type:
     "time_uniform" (the original), "logSNR" or "time_quadratic". schedule:
     a `DiscreteVPSchedule`, by default the Stable-Diffusion betas.
-    t_start / t_end: the time range, by default 1 and 1/N.
+    t_start / t_end: the time range, by default 1 and 1/N. strategy: "static"
+    (a program per distinct mask), "cond" (one program) or "auto".
     """
+
+    family = "uvit"
+    router_kind = "uvit-dpm2"
+    solvers = tuple(SOLVERS)
+    guidance_off = 0.0
 
     def __init__(self, model, steps: int, cfg_scale: Optional[float] = None, solver: str = "dpm_solver2",
                  skip_type: str = "time_uniform", schedule: Optional[DiscreteVPSchedule] = None,
                  t_start: Optional[float] = None, t_end: Optional[float] = None, batch_cfg: bool = True,
-                 solver_type: str = "dpm_solver", cache_dtype=None):
+                 solver_type: str = "dpm_solver", cache_dtype=None, strategy: str = "static"):
         if model.family != "uvit":
             raise ConfigError(f"UViTSampler needs a U-ViT model, got {model.family}")
         self.model = model.on_devices()
@@ -99,7 +105,28 @@ class UViTSampler:
         self.cfg_scale = scale
         self.batch_cfg = bool(batch_cfg)
         self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
-        self._compiled = {}
+        self._init_steps(strategy)
+
+    @property
+    def rows(self) -> int:
+        """Rows of this sampler's routers: the NFE (the released dpm20 / dpm50 layout)."""
+        return self.nfe
+
+    @classmethod
+    def options_from_config(cls, sc) -> dict:
+        return dict(skip_type=sc.get("skip_type", "time_uniform"), batch_cfg=sc.get("batch_cfg", True))
+
+    def describe(self) -> tuple:
+        name = next(k for k, v in SOLVERS.items() if v == (self.method, self.order))
+        return (f"NFE {self.nfe} {name.upper()} ({self.num_steps} steps)",
+                f"{self.nfe} evaluations x {self.model.num_units}")
+
+    def check_router_masks(self, masks):
+        # A router's masks cover the first evaluation of each solver step.
+        if masks is not None and masks.shape[0] != self.num_steps:
+            raise ConfigError(f"the router's masks cover {masks.shape[0]} solver steps, NFE {self.nfe} with this "
+                              f"solver takes {self.num_steps}; uvit-dpm2 routers are for dpm_solver2")
+        return masks
 
     @property
     def num_steps(self) -> int:
@@ -111,8 +138,9 @@ class UViTSampler:
         return np.array([st.s for st in self.plan] + [self.plan[-1].t], dtype=np.float32)
 
     # ------------------------------------------------------------------ one guided evaluation
-    def _eval(self, params, x, t, y, cache, cfg_scale, *, mask, keep_cache, record):
+    def _eval(self, params, x, t, y, cache, cfg_scale, mask_arr, *, mask, keep_cache, record):
         """Guided noise prediction at continuous time t (scalar), the new cache if kept, the calls if recorded."""
+        mask = mask_arr if mask_arr is not None else mask
         b = x.shape[0]
         tm = jnp.broadcast_to(self.schedule.model_time(t), (b,))
         cache = cast_cache(cache, self.model.dtype if self.cache_dtype is not None else None)
@@ -135,18 +163,45 @@ class UViTSampler:
             eps = cond + cfg_scale * (cond - uncond)
         return eps, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None), (calls if record else None)
 
-    def eval_fn(self, mask, keep_cache: bool, record: bool = False):
-        """The jitted guided evaluation for one static mask (compiled on first use, then reused).
+    def _plan(self, schedule, record: bool = False) -> list:
+        # static: (mask, keep the cache for the next evaluation, a cache comes in, record); cond: one program.
+        if self.strategy == "cond":
+            return [("cond", True, True, record)] * len(schedule)
+        keys = []
+        for e, m in enumerate(schedule):
+            keep = e + 1 < len(schedule) and schedule[e + 1] is not None
+            keys.append((m, keep, m is not None, record))
+        return keys
 
-        It returns the cache only where the next step reuses it, so XLA can
-        drop those activations everywhere else.
-        """
-        key = (mask, keep_cache, record)
-        if key not in self._compiled:
-            # An evaluation that passes the cache on takes over the incoming cache's buffers.
-            self._compiled[key] = jax.jit(functools.partial(self._eval, mask=mask, keep_cache=keep_cache,
-                                                            record=record), donate_argnums=(4,) if keep_cache else ())
-        return self._compiled[key]
+    def _build(self, key):
+        mask, keep, _, record = key
+        # An evaluation that passes the cache on takes over the incoming cache's buffers.
+        return jax.jit(functools.partial(self._eval, mask=None if mask == "cond" else mask, keep_cache=keep,
+                                         record=record), donate_argnums=(4,) if keep else ())
+
+    def _rows(self, x) -> int:
+        return int(x.shape[0])
+
+    def _cache(self, batch: int, abstract_only: bool = False):
+        """The carried cache of "cond" (zeros before the first evaluation), or its shapes."""
+        cfg = self.model.config
+        two = self.cfg_scale is not None
+        rows = batch * (2 if two and self.batch_cfg else 1)
+        shape = (rows, cfg.extras + cfg.num_patches, cfg.embed_dim)
+        dtype = self.cache_dtype or self.model.dtype
+        make = (lambda: jax.ShapeDtypeStruct(shape, dtype)) if abstract_only else (lambda: jnp.zeros(shape, dtype))
+        one = lambda: tuple(make() for _ in range(cfg.num_units))  # noqa: E731
+        return (one(), one()) if two and not self.batch_cfg else one()
+
+    def _lower(self, key, batch: int):
+        cfg = self.model.config
+        x = jax.ShapeDtypeStruct((batch, cfg.img_size, cfg.img_size, cfg.in_chans), jnp.float32)
+        y = jax.ShapeDtypeStruct((batch,), jnp.int32) if cfg.conditional else None
+        cache = self._cache(batch, abstract_only=True) if key[2] else None
+        scale = None if self.cfg_scale is None else jax.ShapeDtypeStruct((), jnp.float32)
+        mask_arr = jax.ShapeDtypeStruct((cfg.num_units,), jnp.bool_) if key[0] == "cond" else None
+        return self.function(key).lower(abstract(self.model.params), x, jax.ShapeDtypeStruct((), jnp.float32), y,
+                                        cache, scale, mask_arr)
 
     def evaluation_masks(self, masks=None) -> np.ndarray:
         """The schedule as (NFE, 2*num_blocks) bools, one row per model evaluation in order.
@@ -173,7 +228,7 @@ class UViTSampler:
         orders = [st.order if self.method == "singlestep" else 1 for st in self.plan]
         return np.concatenate([[0], np.cumsum(orders)[:-1]]).astype(int)
 
-    def schedule_masks(self, masks=None) -> list:
+    def schedule_of(self, masks=None) -> list:
         """Normalised per-evaluation masks (None = compute everything) in evaluation order."""
         out = [check_mask(m, self.model.num_units) for m in self.evaluation_masks(masks)]
         if out[0] is not None:
@@ -207,8 +262,8 @@ class UViTSampler:
                               f"got {ylo}..{yhi}")
         return noise, y
 
-    def __call__(self, noise, y=None, masks=None, trace: Optional[List[dict]] = None, progress: bool = False,
-                 cfg_scale="default"):
+    def __call__(self, noise, y=None, masks=None, key=None, progress: bool = False, cfg_scale="default",
+                 trace: Optional[List[dict]] = None):
         """noise (B,H,W,C) float32, y (B,) int labels (None if unconditional) -> latents (B,H,W,C).
 
         masks: the cache schedule, per model evaluation (NFE rows) or per solver
@@ -218,14 +273,16 @@ class UViTSampler:
         time, y (B,) or None, out (B,H,W,C) the network's raw output.
         cfg_scale: this call's guidance scale (default: the constructor's); a
         sampler built with guidance takes any scale without compiling anything.
+        key: accepted for one call form across families; DPM-Solver draws no noise.
         """
         scale = call_scale(self.cfg_scale, cfg_scale, off_value=0.0)
         scale = None if scale is None else jnp.float32(scale)
         x, y = self._check_inputs(noise, y)
-        schedule = self.schedule_masks(masks)
+        schedule = self.schedule_of(masks)
         record = trace is not None
+        plan = self._plan(schedule, record)
         params = self.model.params
-        state = {"cache": None, "e": 0}
+        state = {"cache": self._cache(x.shape[0]) if self.strategy == "cond" else None, "e": 0}
         prev, t_prev = None, None
         it = enumerate(self.plan)
         if progress:
@@ -237,12 +294,9 @@ class UViTSampler:
             # its own cache only where evaluation e+1 reuses some sub-layer.
             e = state["e"]
             mask = schedule[e]
-            keep = e + 1 < len(schedule) and schedule[e + 1] is not None
-            cache_in, state["cache"] = (state["cache"] if mask is not None else None), None
-            graphs = len(self._compiled)
-            eps, state["cache"], calls = self.eval_fn(mask, keep, record)(params, xx, tt, y, cache_in, scale)
-            if len(self._compiled) > graphs:  # this evaluation compiled a graph: hand its scratch memory back
-                release_free_heap()
+            cache_in, state["cache"] = (state["cache"] if plan[e][2] else None), None
+            eps, state["cache"], calls = self.run(plan[e], params, xx, tt, y, cache_in, scale, self.mask_arg(mask),
+                                                  aot_ok=not record)
             state["e"] = e + 1
             if record:
                 for cx, ct, cy, co in calls:
@@ -271,4 +325,4 @@ def sample_uvit(model, noise, y, steps: int, cfg_scale: Optional[float] = None, 
                 solver: str = "dpm_solver2", trace: Optional[List[dict]] = None, progress: bool = False, **kw):
     """Samples latents from a U-ViT; `steps` is the NFE (see `UViTSampler`; kw go to its constructor)."""
     return UViTSampler(model, steps, cfg_scale=cfg_scale, solver=solver, **kw)(
-        noise, y, masks=masks, trace=trace, progress=progress)
+        noise, y, masks=masks, progress=progress, trace=trace)

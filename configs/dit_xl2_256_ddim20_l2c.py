@@ -1,7 +1,0 @@
-"""DiT-XL/2 at 256 px, DDIM 20, CFG 4.0, with the learned cache."""
-
-from configs.dit_sample import get_config as _base
-
-
-def get_config(arg=None):
-    return _base("xl2_256_ddim20_l2c")

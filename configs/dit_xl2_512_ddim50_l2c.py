@@ -1,7 +1,0 @@
-"""DiT-XL/2 at 512 px, DDIM 50, CFG 4.0, with the learned cache."""
-
-from configs.dit_sample import get_config as _base
-
-
-def get_config(arg=None):
-    return _base("xl2_512_ddim50_l2c")

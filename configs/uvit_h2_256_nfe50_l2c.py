@@ -1,8 +1,0 @@
-"""U-ViT-H/2 at 256 px, DPM-Solver-2 with NFE 50, CFG 0.4,
-with the learned cache (the released dpm50 router, threshold 0.9)."""
-
-from configs.uvit_sample import get_config as _base
-
-
-def get_config(arg=None):
-    return _base("h2_256_nfe50_l2c")

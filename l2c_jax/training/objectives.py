@@ -1,0 +1,101 @@
+"""Each family's router-training objective behind one interface, looked up by family name.
+
+A `RouterObjective` is everything the router trainer needs to know about a
+family: the router kind and its number of rows, the rows the heat map shows,
+the random draws of one step and the loss of a router on them. The trainer
+and the loop hold no family branches; a new family adds one builder to
+`OBJECTIVES` (a plain dict, nothing registers itself on import).
+
+- "dit": DDIM (`dit_router_loss`), a "dit-ddim" router with one row per DDIM
+  step; the heat map shows the cache steps' rows in sampling order.
+- "uvit": singlestep DPM-Solver-2 (`uvit_router_loss`), a "uvit-dpm2"
+  router with NFE rows (the released dpm20 / dpm50 layout) of which rows
+  1..NFE//2-1 train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from l2c_jax.diffusion import create_diffusion
+from l2c_jax.errors import ConfigError
+from l2c_jax.router import Router
+from l2c_jax.training.losses import (UViTLossSchedule, dit_random_batch, dit_router_loss, uvit_random_batch,
+                                     uvit_router_loss)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RouterObjective:
+    """One family's router objective (hashes by identity, like the tables it holds).
+
+    loss(prob, params, batch) -> (loss, aux with "data_loss" and "l1"): `prob` is
+    the only differentiated argument. draw(key, x0, y) -> batch: the step's random
+    draws (timestep / solver step, noise, label dropout) around the latents x0.
+    """
+
+    kind: str                # the router kind written to router.safetensors
+    rows: int                # router rows (DDIM steps, or DPM-Solver-2 NFE)
+    heat_rows: np.ndarray    # the rows the heat map shows, in sampling order
+    tables: Any              # the diffusion / solver tables the loss closes over
+    loss: Callable
+    draw: Callable
+
+
+def _common(config) -> tuple[float, Optional[float], float]:
+    tc = config.train
+    return float(tc.l1), tc.get("ste_threshold"), float(tc.get("label_dropout", 0.1))
+
+
+def dit_objective(model, config) -> RouterObjective:
+    """DDIM on the DiT's diffusion respaced to `sampler.steps` (even: full and cache steps alternate)."""
+    steps = int(config.sampler.steps)
+    if steps % 2:
+        raise ConfigError(f"sampler.steps must be even for DiT caching (full and cache steps alternate), "
+                          f"got {steps}")
+    l1, ste, dropout = _common(config)
+    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+    loss = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=l1, ste_threshold=ste)
+    draw = functools.partial(dit_random_batch, steps=diffusion.num_timesteps, null_class=model.config.null_class,
+                             label_dropout=dropout)
+    return RouterObjective("dit-ddim", steps, np.arange(steps - 2, -1, -2), diffusion, loss, draw)
+
+
+def uvit_objective(model, config) -> RouterObjective:
+    """Singlestep DPM-Solver-2 with `sampler.steps` = NFE, as the original U-ViT router script runs."""
+    name = config.sampler.get("name", "dpm_solver2")
+    if name != "dpm_solver2":
+        raise ConfigError(f"U-ViT router training runs singlestep DPM-Solver-2 as the original does; "
+                          f"sampler.name must be 'dpm_solver2', got {name!r}")
+    steps = int(config.sampler.steps)
+    l1, ste, dropout = _common(config)
+    tables = UViTLossSchedule.create(steps, skip_type=config.sampler.get("skip_type", "time_uniform"))
+    heat_rows = np.asarray(Router(np.zeros((steps, model.num_units), np.float32), "uvit-dpm2").cache_rows())
+    loss = functools.partial(uvit_router_loss, model=model, tables=tables, l1_weight=l1, ste_threshold=ste)
+    conditional = model.config.conditional
+
+    def draw(key, x0, y):
+        return uvit_random_batch(key, x0, y if conditional else None, steps=tables.num_steps,
+                                 null_class=model.config.null_class, label_dropout=dropout)
+
+    return RouterObjective("uvit-dpm2", steps, heat_rows, tables, loss, draw)
+
+
+# family name -> builder(model, config) -> RouterObjective
+OBJECTIVES: dict[str, Callable[[Any, Any], RouterObjective]] = {
+    "dit": dit_objective,
+    "uvit": uvit_objective,
+}
+
+
+def router_objective(model, config) -> RouterObjective:
+    """The objective of `model`'s family, validated against the config's sampler."""
+    try:
+        build = OBJECTIVES[model.family]
+    except KeyError:
+        raise ConfigError(f"router training for the {model.family} family is not wired in yet "
+                          f"(known: {', '.join(sorted(OBJECTIVES))})") from None
+    return build(model, config)
