@@ -24,7 +24,8 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = formats.MODEL_DIR_VERSION
 _RESERVED = ("family", "config", formats.FIELD)
 # The command that rewrites a model directory of each family in the current format.
-_CONVERTERS = {"dit": "convert/dit.py", "uvit": "convert/uvit.py", "vae": "convert/vae.py"}
+_CONVERTERS = {"dit": "convert/dit.py", "uvit": "convert/uvit.py", "vae": "convert/vae.py",
+               "inception_fid": "convert/inception.py"}
 
 
 # Bytes orbax keeps in flight while saving or restoring. Its default (96 GB)

@@ -121,7 +121,7 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
     workdir = workdir or config.get("workdir") or "."
     os.makedirs(workdir, exist_ok=True)
     scale = config.sampler.get("cfg_scale")
-    aot = len(jax.devices()) == 1
+    aot = len(jax.devices()) == 1 and sampler.compile_ahead
     if aot:  # every graph of the schedule, compiled ahead and in parallel
         with phases("compile"):
             sampler.compile(bs, masks)

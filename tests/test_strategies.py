@@ -120,7 +120,8 @@ def test_uvit_cond_matches_static():
 
 def test_strategy_selection_and_errors(model):
     assert DiTSampler(model, 10).strategy == "static"
-    assert resolve_strategy("auto", "cpu") == "cond" and resolve_strategy("auto", "gpu") == "static"
+    assert resolve_strategy("auto", "cpu") == resolve_strategy("auto", "gpu") == "cond"
+    assert resolve_strategy("auto", "tpu") == "static"  # not measured there
     with pytest.raises(ConfigError, match="strategy"):
         DiTSampler(model, 10, strategy="eager")
     with pytest.raises(ConfigError, match="removed"):

@@ -52,7 +52,8 @@ def _import_original(path: str):
 def torch_reference(config, model, router, noise, y, steps: int, warmup: int, repeats: int,
                     report: Callable = print) -> dict:
     """Times the original's `ddim_sample_loop(model.forward_with_cfg, ...)`, full (`models.DiT`) and
-    L2C (`dynamic_models.DiT` + `load_ranking`), on this model's weights, float32, CPU."""
+    L2C (`dynamic_models.DiT` + `load_ranking`), on this model's weights, float32, on CUDA when
+    PyTorch sees a GPU (TF32 off, as the port's "highest" matmul precision), else on the CPU."""
     import torch
 
     from l2c_jax.convert.dit import state_dict_of
@@ -60,6 +61,14 @@ def torch_reference(config, model, router, noise, y, steps: int, warmup: int, re
     threads = int(config.get("torch_threads", 2))
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":  # true float32 on both sides: no TF32 in matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     models, dynamic_models, create_diffusion = _import_original(config.torch_reference)
     cfg = model.config
     sd = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict_of(model.params).items()}
@@ -68,18 +77,21 @@ def torch_reference(config, model, router, noise, y, steps: int, warmup: int, re
               class_dropout_prob=cfg.class_dropout_prob, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma)
     diffusion = create_diffusion(str(steps))
     z = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy())
-    z = torch.cat([z, z], 0)
+    z = torch.cat([z, z], 0).to(dev)
     yt = torch.from_numpy(np.asarray(y, np.int64))
-    yt = torch.cat([yt, torch.full_like(yt, cfg.null_class)], 0)
+    yt = torch.cat([yt, torch.full_like(yt, cfg.null_class)], 0).to(dev)
     cfg_scale = float(config.sampler.cfg_scale)
-    out = dict(threads=threads, torch=torch.__version__, path=os.path.abspath(config.torch_reference))
+    out = dict(threads=threads, torch=torch.__version__, path=os.path.abspath(config.torch_reference),
+               device=str(torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"))
 
     def run(m, kind):
         times, cpu, lat = [], [], None
         for _ in range(warmup):  # warm-up forwards (one-time kernel and thread-pool set-up), untimed
             if kind == "l2c":
                 m.reset(steps)
-            m.forward_with_cfg(z, torch.full((z.shape[0],), int(diffusion.timestep_map[-1])), yt, cfg_scale)
+            m.forward_with_cfg(z, torch.full((z.shape[0],), int(diffusion.timestep_map[-1]), device=dev), yt,
+                               cfg_scale)
+            sync()
             report(f"  torch {kind}: warm-up forward done")
         for r in range(repeats):
             if kind == "l2c":
@@ -87,15 +99,17 @@ def torch_reference(config, model, router, noise, y, steps: int, warmup: int, re
             t0, c0 = time.perf_counter(), time.process_time()
             lat = diffusion.ddim_sample_loop(m.forward_with_cfg, z.shape, z, clip_denoised=False,
                                              model_kwargs=dict(y=yt, cfg_scale=cfg_scale), progress=False,
-                                             device="cpu")
+                                             device=dev)
+            sync()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             times.append(dt), cpu.append(dc)
             report(f"  torch {kind} run {r + 1}/{repeats}: {dt:.2f} s")
-        return summarize(times, cpu), lat[: len(lat) // 2].numpy().transpose(0, 2, 3, 1)
+        return summarize(times, cpu), lat[: len(lat) // 2].cpu().numpy().transpose(0, 2, 3, 1)
 
     with torch.inference_mode():
         m = models.DiT(**kw).eval()
         m.load_state_dict(sd)
+        m.to(dev)
         out["full"], full_lat = run(m, "full")
         del m
         lat = None
@@ -109,6 +123,7 @@ def torch_reference(config, model, router, noise, y, steps: int, warmup: int, re
             with contextlib.redirect_stdout(io.StringIO()):
                 m.load_ranking(rpath, steps, diffusion.timestep_map, float(config.router.threshold))
             m.load_state_dict(sd)
+            m.to(dev)
             out["l2c"], lat = run(m, "l2c")
             del m
             import shutil

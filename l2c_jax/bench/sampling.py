@@ -49,7 +49,7 @@ ROW_KEYS = (
     "name", "date", "command", "machine", "model", "image_size", "steps", "schedule_steps", "batch_size",
     "cfg_scale", "dtype", "strategy", "router", "threshold", "warmup", "repeats", "computed_share",
     "flop_bound", "bound_with_fixed", "full", "l2c", "speedup", "speedup_over_bound", "compile",
-    "memory", "l2c_vs_full_rel", "bf16_vs_f32", "torch_reference", "throughput",
+    "memory", "l2c_vs_full_rel", "bf16_vs_f32", "torch_reference", "throughput", "matmul_precision",
 )
 
 
@@ -59,6 +59,8 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     import jax.numpy as jnp
 
     cache_dir = compilation_cache_of(config)
+    if config.get("matmul_precision"):  # GPUs run float32 matmuls in TF32 by default
+        jax.config.update("jax_default_matmul_precision", str(config.matmul_precision))
     strategy = resolve_strategy(config.get("strategy", "auto"))
     dtype = dtype_of(config)
     batch = int(config.batch_size)
@@ -74,7 +76,8 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     row.update(name=config.get("name", "benchmark"), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                command=" ".join(["python", "scripts/benchmark.py"] + list(argv or [])), machine=machine_info(),
                batch_size=batch, dtype=str(dtype), strategy=strategy, steps=steps, schedule_steps=sched_steps,
-               cfg_scale=config.sampler.get("cfg_scale"), warmup=warmup, repeats=repeats)
+               cfg_scale=config.sampler.get("cfg_scale"), warmup=warmup, repeats=repeats,
+               matmul_precision=config.get("matmul_precision") or "default")
     report(f"machine: {row['machine']['cpu']}, {row['machine']['cores']} cores, backend {row['machine']['backend']}")
 
     latency = bool(config.get("measure_latency", True))

@@ -1,4 +1,4 @@
-"""`l2c-convert KIND ...`: one command for the four converters (dit, uvit, vae, router).
+"""`l2c-convert KIND ...`: one command for the converters (dit, uvit, vae, router, inception).
 
   l2c-convert dit --checkpoint DiT-XL-2-256x256.pt --model DiT-XL/2 --out ckpt/dit_xl2_256
   l2c-convert router --checkpoint DDIM20_router.pt --summary --threshold 0.1
@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 
 from l2c_jax.cli import run_main
-from l2c_jax.commands import convert_dit, convert_router, convert_uvit, convert_vae
+from l2c_jax.commands import convert_dit, convert_inception, convert_router, convert_uvit, convert_vae
 from l2c_jax.errors import ConfigError
 
-KINDS = {"dit": convert_dit.main, "uvit": convert_uvit.main, "vae": convert_vae.main, "router": convert_router.main}
+KINDS = {"dit": convert_dit.main, "uvit": convert_uvit.main, "vae": convert_vae.main, "router": convert_router.main,
+         "inception": convert_inception.main}
 
 
 def main(argv):

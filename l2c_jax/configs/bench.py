@@ -79,6 +79,8 @@ def sample_benchmark(steps=20):
     c.compile_workers = 0     # threads compiling graphs in parallel (0 = CPU count)
     c.compilation_cache_dir = "default"  # "default" (~/.cache/l2c_jax/xla or $L2C_JAX_CACHE_DIR), "off", or a path
     c.compare_float32 = True  # with bfloat16: also run float32 once and report the deviation
+    # float32 matmuls as float32 (no TF32 on GPUs), as the original's side with allow_tf32 off; "" = JAX's default
+    c.matmul_precision = "highest"
     c.torch_reference = ""    # path to the original repo's DiT folder: also time the PyTorch original
     c.torch_threads = 2
     c.peak_tflops = 0.0       # > 0: the chip's peak for MFU (else the datasheet table in l2c_jax/bench/flops.py)

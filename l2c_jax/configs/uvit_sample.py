@@ -60,7 +60,7 @@ def base(image_size=256, nfe=20, l2c=False, model="U-ViT-H/2"):
     c.repeats = 5  # timed re-runs of the first batch after a warm-up run
     c.dtype = "float32"
     # static: a program per distinct mask (README's measured U-ViT figures); cond: one program with every
-    # sub-layer behind lax.cond (compiles once; not yet measured for U-ViT); auto = cond on CPU, static elsewhere.
+    # sub-layer behind lax.cond (compiles once; not yet measured for U-ViT); auto = cond on CPU and GPU, static elsewhere.
     c.strategy = "static"
     c.workdir = f"out/uvit_{tag}_{image_size}_nfe{nfe}{'_l2c' if l2c else ''}"
     c.grid = "samples.png"

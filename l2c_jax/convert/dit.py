@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import re
 from typing import Optional
 
 import numpy as np
 
+from l2c_jax.convert import diffusers_dit
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.models.dit import DIT_VARIANTS, DiTConfig
+from l2c_jax.models.layers import sincos_pos_embed_2d
 from l2c_jax.torch_io import load_checkpoint_file, select_state_dict, strip_prefix
 
 
@@ -65,16 +69,76 @@ def infer_dit_config(sd: dict, path: str, model: Optional[str] = None, num_heads
                      num_classes=num_classes, learn_sigma=out == 2 * in_ch)
 
 
+TIMESTEP_SHIFTS = ("diffusers", "original")
+
+
+def read_diffusers(found: dict, path: str, timestep_shift: Optional[str] = None):
+    """(original-named state dict, heads, numerics overrides) of a diffusers DiT (`diffusers_dit.locate`)."""
+    cfg = diffusers_dit._read_json(found["config"])
+    diffusers_dit.check_config(cfg, found["config"])
+    sd = {}
+    for w in found["weights"]:
+        sd.update(select_state_dict(load_checkpoint_file(w), w))
+    sd = diffusers_dit.to_original(sd, path)
+    patch = int(cfg.get("patch_size", 2))
+    hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    if "pos_embed" not in sd:  # diffusers recomputes the fixed table; so does the original
+        sd["pos_embed"] = sincos_pos_embed_2d(hidden, int(cfg.get("sample_size", 32)) // patch)[None].astype(np.float32)
+    # diffusers' own numerics unless the original's are asked for (the released routers were trained with those).
+    original = (timestep_shift or "diffusers") == "original"
+    numerics = dict(freq_shift=0, mlp_norm_eps=1e-6) if original else dict(
+        freq_shift=1, mlp_norm_eps=float(cfg.get("norm_eps", 1e-5)))
+    return sd, int(cfg["num_attention_heads"]), numerics
+
+
 def convert_dit(checkpoint: str, model: Optional[str] = None, num_heads: Optional[int] = None,
-                num_classes: Optional[int] = None):
-    """Reads a DiT checkpoint (plain or training, `ema` preferred) into a `Model`."""
+                num_classes: Optional[int] = None, timestep_shift: Optional[str] = None):
+    """Reads a DiT checkpoint into a `Model`: the original's (plain or training, `ema` preferred), or
+    diffusers' `DiTTransformer2DModel` (a transformer folder, a pipeline folder, or its weights file).
+
+    timestep_shift (diffusers checkpoints): "diffusers" (default) keeps diffusers' numerics,
+    "original" the original DiT's, which the released routers were trained with.
+    """
     from l2c_jax.convert.rules import torch_to_flax
     from l2c_jax.model import Model, abstract_params
 
-    sd = strip_prefix(select_state_dict(load_checkpoint_file(checkpoint), checkpoint))
-    config = infer_dit_config(sd, checkpoint, model, num_heads, num_classes)
+    if timestep_shift not in (None,) + TIMESTEP_SHIFTS:
+        raise ConfigError(f"--timestep-shift {timestep_shift!r}: use one of {', '.join(TIMESTEP_SHIFTS)}")
+    found = diffusers_dit.locate(checkpoint) if os.path.exists(checkpoint) else None
+    numerics = {}
+    if found is not None:
+        sd, heads, numerics = read_diffusers(found, checkpoint, timestep_shift)
+        if num_heads is not None and num_heads != heads:
+            raise ConfigError(f"--num-heads {num_heads} contradicts the checkpoint's config.json ({heads} heads)")
+        num_heads = heads
+    else:
+        if timestep_shift == "diffusers":
+            raise ConfigError("--timestep-shift diffusers applies to diffusers checkpoints; this one is the original's")
+        sd = strip_prefix(select_state_dict(load_checkpoint_file(checkpoint), checkpoint))
+    config = dataclasses.replace(infer_dit_config(sd, checkpoint, model, num_heads, num_classes), **numerics)
     params = torch_to_flax(sd, abstract_params("dit", config), source=checkpoint, consume=True)
     return Model("dit", config, params)
+
+
+def export_diffusers(model, directory: str) -> str:
+    """Writes a DiT `Model` as a diffusers `DiTTransformer2DModel` folder (config.json + safetensors)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    cfg = model.config
+    if cfg.freq_shift != 1:
+        # diffusers always runs its own embedding; say so rather than change a model's outputs silently.
+        note = "note: diffusers runs its own timestep embedding (shift 1); this model was converted with the original's"
+    else:
+        note = ""
+    sd, config = diffusers_dit.from_original(state_dict_of(model.params), cfg.depth, cfg)
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()},
+              os.path.join(directory, diffusers_dit.WEIGHTS[0]))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return note
 
 
 def state_dict_of(params) -> dict:

@@ -38,6 +38,10 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 means the table has a null-class row
     num_classes: int = 1000
     learn_sigma: bool = True
+    # Numerics that differ between the original code (defaults) and diffusers' DiTTransformer2DModel
+    # (freq_shift 1, mlp_norm_eps = its norm_eps, 1e-5): l2c_jax.convert.diffusers_dit.
+    freq_shift: int = 0  # timestep embedding: exponent / (half - freq_shift)
+    mlp_norm_eps: float = 1e-6  # the LayerNorm before each block's MLP
 
     @property
     def out_channels(self) -> int:
@@ -69,10 +73,11 @@ class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_embedding_size: int = 256
     dtype: jnp.dtype = jnp.float32
+    freq_shift: int = 0
 
     @nn.compact
     def __call__(self, t):
-        x = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        x = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift).astype(self.dtype)
         x = nn.Dense(self.hidden_size, dtype=self.dtype, name="mlp_0")(x)
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="mlp_2")(nn.silu(x))
 
@@ -84,6 +89,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    mlp_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, c, index: int, cache=None, mask=None, beta=None):
@@ -95,7 +101,7 @@ class DiTBlock(nn.Module):
             return Attention(self.hidden_size, self.num_heads, qkv_bias=True, dtype=self.dtype, name="attn")(h)
 
         def mlp():
-            h = modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp)
+            h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
             return Mlp(int(self.hidden_size * self.mlp_ratio), self.hidden_size, approximate_gelu=True,
                        dtype=self.dtype, name="mlp")(h)
 
@@ -139,7 +145,7 @@ class DiT(nn.Module):
         tokens = PatchEmbed(cfg.hidden_size, p, dtype=self.dtype, name="x_embedder")(x)
         tokens = tokens + pos_embed.astype(self.dtype)
 
-        temb = TimestepEmbedder(cfg.hidden_size, dtype=self.dtype, name="t_embedder")(t)
+        temb = TimestepEmbedder(cfg.hidden_size, dtype=self.dtype, freq_shift=cfg.freq_shift, name="t_embedder")(t)
         table_rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
         yemb = LabelEmbedder(table_rows, cfg.hidden_size, dtype=self.dtype, name="y_embedder")(y)
         c = temb + yemb
@@ -147,7 +153,7 @@ class DiT(nn.Module):
         new_cache = []
         for i in range(cfg.depth):
             tokens, units = DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, dtype=self.dtype,
-                                     name=f"blocks_{i}")(tokens, c, i, cache, mask, beta)
+                                     mlp_norm_eps=cfg.mlp_norm_eps, name=f"blocks_{i}")(tokens, c, i, cache, mask, beta)
             new_cache.extend(units)
 
         out = FinalLayer(cfg.hidden_size, p, cfg.out_channels, dtype=self.dtype, name="final_layer")(tokens, c)

@@ -48,7 +48,8 @@ def train_dit(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a DiT from scratch; returns the log history and the model path."""
     tc = config.train
     prepare_workdir(config, workdir)
-    arch = DiTConfig(**config.model.arch.to_dict())
+    # None = the field's default (the config schema lists every field; l2c_jax/configs/common.py).
+    arch = DiTConfig(**{k: v for k, v in config.model.arch.to_dict().items() if v is not None})
     model = Model.random("dit", arch, int(config.seed))
     model.params = dit_initialization(model.params, jax.random.key(int(config.seed) + 3))
     diffusion = create_diffusion("", learn_sigma=arch.learn_sigma)  # all 1000 steps, as DiT trains
