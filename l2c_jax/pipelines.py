@@ -78,6 +78,18 @@ def _make_sampler(model, router, config):
     return sampler, masks, sampler.computed_share(masks), what, of_what
 
 
+def _check_evaluation(config) -> None:
+    """Refuses a scoring set-up that cannot work, before hours of sampling."""
+    ev = config.get("evaluate")
+    if ev is None or not ev.get("reference"):
+        return
+    if not os.path.isfile(ev.reference):
+        raise ConfigError(f"config.evaluate.reference: no such file {ev.reference}")
+    if not os.path.isfile(os.path.join(str(ev.get("inception") or ""), "config.json")):
+        raise ConfigError(f"config.evaluate.inception={ev.get('inception')!r} is not a converted Inception "
+                          "(python convert/inception.py --checkpoint pt_inception-2015-12-05-6726825d.pth --out DIR)")
+
+
 def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
     """Samples, decodes and writes the images a sampling config asks for.
 
@@ -90,6 +102,7 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
     from l2c_jax.memory import Phases
 
     compile_cache.from_setting(config.get("compilation_cache_dir", "default"))
+    _check_evaluation(config)  # before the sampling it would score, not after
     phases = Phases()
     try:
         with phases("load"):
@@ -159,14 +172,22 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
     imio.save_png(grid_path, imio.make_grid(images[: config.get("grid_max", 64)], nrow=8),
                   upscale=config.get("grid_upscale", 1))
     npz_path = None
-    if config.get("npz"):
-        npz_path = os.path.join(workdir, config.npz)
+    ev = config.get("evaluate")
+    scoring = bool(ev is not None and ev.get("reference"))
+    if config.get("npz") or scoring:
+        npz_path = os.path.join(workdir, config.get("npz") or "samples.npz")
         imio.save_npz(npz_path, images)
+    metrics = None
+    if scoring:
+        from l2c_jax.eval.evaluator import evaluate
+
+        with phases("evaluate"):
+            metrics = evaluate(npz_path, ev.reference, ev.get("inception"), batch_size=int(ev.get("batch_size", 64)))
 
     t = np.asarray(times)
     result = dict(latency_mean=float(t.mean()), latency_std=float(t.std()), computed_share=share,
                   num_images=int(len(images)), grid=grid_path, npz=npz_path, batch_size=bs,
-                  steps=sampler.rows, router=bool(router), phases=phases.summary())
+                  steps=sampler.rows, router=bool(router), phases=phases.summary(), metrics=metrics)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
     report(f"sampled {len(images)} images, {what}{' + L2C' if router else ''}, batch {bs}: "
@@ -174,6 +195,9 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
            f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
     report(f"sub-layers computed: {share * 100:.2f}% of {of_what}")
     report(f"wrote {grid_path}" + (f" and {npz_path}" if npz_path else ""))
+    if metrics is not None:  # the ADM evaluator's lines, against config.evaluate.reference
+        for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
+            report(f"{name}: {metrics[name]}")
     report("phases (wall time, peak resident memory)" + ("" if aot else "; compile = first run, with compilation")
            + ":")
     for line in phases.lines():
@@ -223,8 +247,8 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
 
     x_full, t_full, s_full = _timed(lambda: full(noise, y), reps)
     x_l2c, t_l2c, s_l2c = _timed(lambda: full(noise, y, masks), reps)
-    # The honest baseline: plain DDIM given the time L2C takes.
-    k = max(2, int(round(steps * t_l2c / t_full)))
+    # The honest baseline: plain DDIM given the time L2C takes (or config.compare_steps steps).
+    k = int(config.get("compare_steps", 0) or 0) or max(2, int(round(steps * t_l2c / t_full)))
     fewer = functools.partial(sampler_for(model, sc.get("name", "ddim"), k, guided, "static", guidance_channels=gc),
                               cfg_scale=scale)
     x_few, t_few, s_few = _timed(lambda: fewer(noise, y), reps)

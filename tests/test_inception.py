@@ -133,3 +133,37 @@ def test_bad_checkpoint_is_refused_in_one_line(state_dict, tmp_path, capsys, cas
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert f"{case.replace('misshaped', 'mis-shaped')} keys: {key}" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_sampling_job_scores_itself(converted, tmp_path):
+    """`--config.evaluate.reference` makes the sampling job print the ADM evaluator's five lines."""
+    import json
+
+    from l2c_jax.cli import parse_config_flags
+    from l2c_jax.pipelines import run_sampling
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    config, _ = parse_config_flags(["--config", "configs/dit_sample.py:smoke", "--config.repeats=0",
+                                    f"--config.evaluate.reference={ref}", f"--config.evaluate.inception={converted}",
+                                    "--config.evaluate.batch_size=8"])
+    lines = []
+    result = run_sampling(config, str(tmp_path / "w"), report=lines.append)
+    scored = [ln for ln in lines if ln.split(":")[0] in ("Inception Score", "FID", "sFID", "Precision", "Recall")]
+    assert [ln.split(":")[0] for ln in scored] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert all(np.isfinite(v) for v in result["metrics"].values())
+    assert json.load(open(tmp_path / "w" / "report.json"))["metrics"]["FID"] == result["metrics"]["FID"]
+    assert (tmp_path / "w" / "samples.npz").exists()
+
+
+def test_sampling_job_refuses_a_missing_reference_before_sampling(converted, tmp_path):
+    from l2c_jax.cli import parse_config_flags
+    from l2c_jax.errors import ConfigError
+    from l2c_jax.pipelines import run_sampling
+
+    config, _ = parse_config_flags(["--config", "configs/dit_sample.py:smoke",
+                                    f"--config.evaluate.reference={tmp_path / 'nope.npz'}",
+                                    f"--config.evaluate.inception={converted}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        run_sampling(config, str(tmp_path / "w"), report=lambda *_: None)
+    assert not (tmp_path / "w").exists()

@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.sampler.guidance_channels = ml_collections.FieldReference(None, field_type=int)
     c.eval = ml_collections.ConfigDict(dict(num_samples=500, features="digits"))
     c.repeats = 3
+    c.compare_steps = 0  # > 0: the plain-DDIM row runs this many steps instead of matching L2C's latency
     c.compare_cache_dtype = ""  # e.g. "bfloat16": one more L2C row with the feature cache kept in that dtype
     c.workdir = f"out/digits_ddim{steps}"
     c.grid = "compare.png"

@@ -19,22 +19,13 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from l2c_jax.convert.rules import flatten_tree
 from l2c_jax.errors import CheckpointError
 from l2c_jax.models.inception import NUM_CLASSES, abstract_inception_params
 
 FAMILY = "inception_fid"
 _BUFFER = "num_batches_tracked"
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight"}
-
-
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 def torch_name(flax_path: Tuple[str, ...]) -> str:
@@ -54,7 +45,7 @@ def _torch_shape(flax_path, shape) -> tuple:
 
 def expected_keys() -> Dict[str, tuple]:
     """{state-dict key: PyTorch shape} of every parameter and BN statistic (no num_batches_tracked)."""
-    return {torch_name(p): _torch_shape(p, tuple(a.shape)) for p, a in _flatten(abstract_inception_params()).items()}
+    return {torch_name(p): _torch_shape(p, tuple(a.shape)) for p, a in flatten_tree(abstract_inception_params()).items()}
 
 
 def inception_params_from_state_dict(sd: Mapping[str, Any], path: str = "checkpoint") -> dict:

@@ -49,11 +49,11 @@ def flax_to_torch_name(flax_path: tuple[str, ...]) -> str:
     return ".".join(out + [leaf])
 
 
-def _flatten(tree, prefix=()):
+def flatten_tree(tree, prefix=()):
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
+            out.update(flatten_tree(v, prefix + (k,)))
         else:
             out[prefix + (k,)] = v
     return out
@@ -87,7 +87,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping
     converter holding the only reference needs the weights' memory about once,
     not twice (the source tensor is freed as its converted copy is made).
     """
-    expected = _flatten(expected_params)
+    expected = flatten_tree(expected_params)
     got: dict = {}
     unexpected, misshaped = [], []
     for key in list(state_dict.keys()):
@@ -151,7 +151,7 @@ def _torch_shape(path, flax_shape):
 def flax_to_torch(params: Mapping) -> dict:
     """The inverse mapping: a Flax params tree -> a PyTorch-named state dict of NumPy arrays."""
     out = {}
-    for path, v in _flatten(params).items():
+    for path, v in flatten_tree(params).items():
         v = np.asarray(v)
         if path[-1] == "kernel":
             v = v.T if v.ndim == 2 else v.transpose(3, 2, 0, 1)

@@ -27,6 +27,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from l2c_jax.convert.rules import flatten_tree
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.models.vae import VAEConfig, abstract_vae_params
 from l2c_jax.torch_io import load_checkpoint_file, select_state_dict, strip_prefix
@@ -202,21 +203,11 @@ def _torch_shape(flax_path, shape, naming):
     return tuple(shape)
 
 
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) or hasattr(v, "items"):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def expected_keys(config: VAEConfig, naming: str, legacy: bool = False) -> Dict[str, Tuple[Tuple[str, ...], tuple]]:
     """{checkpoint key: (Flax path, PyTorch shape)} for every parameter of `config`."""
     n = len(config.ch_mult)
     return {source_key(p, naming, n, legacy): (p, _torch_shape(p, tuple(a.shape), naming))
-            for p, a in _flatten(abstract_vae_params(config)).items()}
+            for p, a in flatten_tree(abstract_vae_params(config)).items()}
 
 
 def vae_params_from_state_dict(sd: Dict[str, np.ndarray], path: str = "checkpoint"):
@@ -264,7 +255,7 @@ def vae_state_dict(params, config: VAEConfig, naming: str = DIFFUSERS, legacy: b
     """The inverse: Flax params -> a state dict in the given naming (NumPy), e.g. to export or compare."""
     n = len(config.ch_mult)
     out = {}
-    for path, v in _flatten(params).items():
+    for path, v in flatten_tree(params).items():
         v = np.asarray(v)
         if path[-1] == "kernel":
             v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
