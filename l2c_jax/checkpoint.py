@@ -14,7 +14,6 @@ import json
 import os
 from typing import Any
 
-import jax
 
 from l2c_jax import formats, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
@@ -136,7 +135,3 @@ def _migrate_hint(family) -> str:
     script = _CONVERTERS.get(family) if isinstance(family, str) else None
     script = script or "convert/{dit,uvit,vae}.py"
     return f"convert the original weights again: python {script} --checkpoint ORIGINAL --out NEW_DIR"
-
-
-def abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)

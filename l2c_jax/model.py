@@ -145,6 +145,17 @@ def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False) -
         if mc.get("family") and model.family != mc.family:
             raise ConfigError(f"config.model.family is {mc.family!r}, but {path} holds a {model.family} model")
         return model
+    config = architecture(mc)
+    if abstract:
+        return Model(family, config, abstract_params(family, config), dtype=dtype)
+    return Model.random(family, config, int(mc.get("init_seed") or 0), dtype=dtype)
+
+
+def architecture(model_config):
+    """The family config a `model` section describes for a random init: `name`'s released
+    architecture ("" = the config's defaults) with the fields of `arch` that are not None."""
+    mc = model_config
+    family = mc.get("family") or "dit"
     try:
         config_cls = family_of(family).config_cls
     except CheckpointError as e:
@@ -163,9 +174,6 @@ def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False) -
             raise ConfigError(f"config.model.name: {mc.name!r} is no released {family} architecture") from None
     kw.update(arch)
     try:
-        config = config_cls(**kw)
+        return config_cls(**kw)
     except TypeError as e:
         raise ConfigError(f"config.model.arch: {e}") from None
-    if abstract:
-        return Model(family, config, abstract_params(family, config), dtype=dtype)
-    return Model.random(family, config, int(mc.get("init_seed") or 0), dtype=dtype)

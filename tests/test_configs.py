@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, fixture_path
 from l2c_jax.cli import parse_config_flags
 from l2c_jax.configs import common
 from l2c_jax.errors import ConfigError
@@ -153,18 +153,16 @@ def test_a_checkpoint_of_another_family_is_refused():
 
 
 def test_train_dit_reads_a_complete_arch():
-    # l2c_jax/training/train_dit.py builds DiTConfig(**config.model.arch.to_dict()).
-    from l2c_jax.models.dit import DiTConfig
+    # l2c_jax/training/train_dit.py builds its DiT with l2c_jax.model.architecture.
+    from l2c_jax.model import architecture
 
     config, _ = parse_config_flags(["--config", "configs/digits_dit.py", "--config.model.arch.depth=2"])
-    cfg = DiTConfig(**config.model.arch.to_dict())
+    cfg = architecture(config.model)
     assert (cfg.depth, cfg.hidden_size, cfg.in_channels, cfg.input_size) == (2, 64, 1, 8)
 
 
 def test_benchmark_finds_the_released_router_beside_the_checkout(tmp_path, monkeypatch):
-    fixture = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "routers", "DDIM20_router.pt")
-    if not os.path.exists(fixture):
-        pytest.skip("no ../shared/fixtures beside the checkout")
+    fixture = fixture_path("routers", "DDIM20_router.pt")  # CI has ../shared beside the checkout
     monkeypatch.chdir(tmp_path)  # no ckpt/DDIM20_router.pt here
     for path in (os.path.join(ROOT, "configs", "bench.py"), os.path.join(CONFIGS_DIR, "bench.py")):
         for variant, key in (("dit_xl2_256_ddim20", "router.checkpoint"), ("user_path_dit", "router")):

@@ -53,7 +53,7 @@ _TOP = {"pos_embed.proj": "x_embedder.proj", "proj_out_1": "final_layer.adaLN_mo
         "proj_out_2": "final_layer.linear"}
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             out = json.load(f)
@@ -84,7 +84,7 @@ def locate(path: str) -> Optional[dict]:
         if pipeline:
             raise CheckpointError(f"{folder}: no config.json")
         return None
-    cfg = _read_json(config)
+    cfg = read_json(config)
     if cfg.get("_class_name") != CLASS_NAME:
         if pipeline or os.path.isdir(path):
             raise CheckpointError(f"{config}: a {cfg.get('_class_name', 'non-diffusers')} config, not {CLASS_NAME}")
@@ -92,7 +92,7 @@ def locate(path: str) -> Optional[dict]:
     if not os.path.isdir(path):
         weights = [path]
     elif os.path.isfile(os.path.join(folder, INDEX)):
-        index = _read_json(os.path.join(folder, INDEX)).get("weight_map", {})
+        index = read_json(os.path.join(folder, INDEX)).get("weight_map", {})
         weights = [os.path.join(folder, f) for f in sorted(set(index.values()))]
     else:
         weights = [os.path.join(folder, w) for w in WEIGHTS if os.path.isfile(os.path.join(folder, w))][:1]
@@ -199,7 +199,7 @@ def check_scheduler(pipeline: str) -> dict:
     path = os.path.join(pipeline, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{pipeline}: no scheduler/scheduler_config.json to check the noise schedule against")
-    cfg = _read_json(path)
+    cfg = read_json(path)
     for key, want in SCHEDULE.items():
         got = cfg.get(key, want)
         same = np.isclose(float(got), float(want)) if isinstance(want, float) else got == want

@@ -74,7 +74,7 @@ TIMESTEP_SHIFTS = ("diffusers", "original")
 
 def read_diffusers(found: dict, path: str, timestep_shift: Optional[str] = None):
     """(original-named state dict, heads, numerics overrides) of a diffusers DiT (`diffusers_dit.locate`)."""
-    cfg = diffusers_dit._read_json(found["config"])
+    cfg = diffusers_dit.read_json(found["config"])
     diffusers_dit.check_config(cfg, found["config"])
     sd = {}
     for w in found["weights"]:
@@ -127,11 +127,9 @@ def export_diffusers(model, directory: str) -> str:
     from safetensors.numpy import save_file
 
     cfg = model.config
-    if cfg.freq_shift != 1:
-        # diffusers always runs its own embedding; say so rather than change a model's outputs silently.
-        note = "note: diffusers runs its own timestep embedding (shift 1); this model was converted with the original's"
-    else:
-        note = ""
+    # diffusers always runs its own embedding: say so rather than change a model's outputs silently.
+    note = "" if cfg.freq_shift == 1 else ("note: diffusers runs its own timestep embedding (shift 1); "
+                                           "this model was converted with the original's")
     sd, config = diffusers_dit.from_original(state_dict_of(model.params), cfg.depth, cfg)
     os.makedirs(directory, exist_ok=True)
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()},

@@ -10,8 +10,6 @@ import numpy as np
 
 from l2c_jax.eval.adm import frechet_distance, statistics
 
-gaussian_stats = statistics  # the name the digits path has used
-
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(*statistics(features_a), *statistics(features_b))

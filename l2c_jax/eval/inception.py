@@ -43,10 +43,6 @@ class InceptionNet:
     def fc_weight(self) -> np.ndarray:
         return np.asarray(self.params["fc"]["kernel"], np.float32)
 
-    @property
-    def fc_bias(self) -> np.ndarray:
-        return np.asarray(self.params["fc"]["bias"], np.float32)
-
     def features(self, x, batch_size: Optional[int] = -1) -> Dict[str, np.ndarray]:
         """x (B, 299, 299, 3) -> {"pool", "spatial", "logits"} as float32 NumPy arrays.
 

@@ -66,8 +66,7 @@ class DiTSampler(Sampler):
         self.diffusion = create_diffusion(respacing or str(steps), noise_schedule=noise_schedule,
                                           learn_sigma=model.config.learn_sigma)
         self.steps = self.diffusion.num_timesteps
-        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
-        self._init_steps(strategy)
+        self._init_steps(strategy, cache_dtype)
 
     @property
     def rows(self) -> int:

@@ -107,8 +107,7 @@ class UViTSampler(Sampler):
                               "U-ViT; this one is unconditional")
         self.cfg_scale = scale
         self.batch_cfg = bool(batch_cfg)
-        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
-        self._init_steps(strategy)
+        self._init_steps(strategy, cache_dtype)
 
     @property
     def rows(self) -> int:

@@ -19,8 +19,7 @@ import optax
 
 from l2c_jax import parallel
 from l2c_jax.diffusion import create_diffusion
-from l2c_jax.model import Model
-from l2c_jax.models.dit import DiTConfig
+from l2c_jax.model import Model, architecture
 from l2c_jax.training.data import Batches, make_source
 from l2c_jax.training.dit_objective import dit_training_loss
 from l2c_jax.training.loop import prepare_workdir, train_loop
@@ -48,8 +47,7 @@ def train_dit(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a DiT from scratch; returns the log history and the model path."""
     tc = config.train
     prepare_workdir(config, workdir)
-    # None = the field's default (the config schema lists every field; l2c_jax/configs/common.py).
-    arch = DiTConfig(**{k: v for k, v in config.model.arch.to_dict().items() if v is not None})
+    arch = architecture(config.model)  # the config schema's rules: l2c_jax/configs/common.py
     model = Model.random("dit", arch, int(config.seed))
     model.params = dit_initialization(model.params, jax.random.key(int(config.seed) + 3))
     diffusion = create_diffusion("", learn_sigma=arch.learn_sigma)  # all 1000 steps, as DiT trains
