@@ -14,7 +14,6 @@ import json
 import os
 from typing import Any
 
-
 from l2c_jax import formats, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
 
