@@ -94,18 +94,25 @@ def write_model_dir(directory: str, family: str, config: dict, params: Any, over
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ConfigError(f"write_model_dir: {', '.join(clash)} cannot be passed as extra metadata")
+    from l2c_jax import distributed
+
     params_dir = os.path.join(directory, PARAMS_DIR)
     if os.path.isdir(params_dir) and os.listdir(params_dir):
         if not overwrite:
             raise CheckpointError(f"{directory}: already holds a model; remove it or choose another output "
                                   "directory (nothing was written)")
-        import shutil
-        shutil.rmtree(params_dir)
-    os.makedirs(directory, exist_ok=True)
-    save_params(params_dir, params)
-    meta = {**extra, "family": family, "config": config, formats.FIELD: FORMAT_VERSION}
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+        distributed.barrier("l2c-model-dir-checked")  # every process saw the old model before it goes
+        if distributed.is_main():
+            import shutil
+            shutil.rmtree(params_dir)
+    if distributed.is_main():
+        os.makedirs(directory, exist_ok=True)
+    distributed.barrier("l2c-model-dir-ready")
+    save_params(params_dir, params)  # with several processes, orbax's multi-host save: all of them take part
+    if distributed.is_main():
+        meta = {**extra, "family": family, "config": config, formats.FIELD: FORMAT_VERSION}
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
 
 
 def read_model_meta(directory: str) -> dict:

@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from l2c_jax import resources
+from l2c_jax import distributed, resources
 from l2c_jax.errors import ConfigError, L2CError
 
 
@@ -38,13 +38,16 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
 
 
 def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):
-    """Returns (ConfigDict, workdir or None)."""
+    """Returns (ConfigDict, workdir or None), after starting `jax.distributed` where asked
+    (`l2c_jax.distributed.initialize`: the multi-process flags, or a detected cluster)."""
     from absl import flags
     from ml_collections import config_flags
 
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip())
-        print("\nflags: --config FILE[:ARG]  --config.KEY=VALUE  --workdir DIR  --verbose")
+        print("\nflags: --config FILE[:ARG]  --config.KEY=VALUE  --workdir DIR  --verbose\n"
+              "       --coordinator_address HOST:PORT --num_processes N --process_id I  (one process of a "
+              "multi-process job; inside a TPU pod slice, SLURM or Open MPI job these are detected)")
         sys.exit(0)
     argv = list(argv)
     for i, a in enumerate(argv):  # ml_collections defers a missing file's error to first use: check now
@@ -62,6 +65,9 @@ def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):
                                     sys_argv=["prog"] + list(argv))
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     flags.DEFINE_boolean("verbose", False, "tracebacks on errors", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process jobs)", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "processes of the job", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1", flag_values=fv)
     try:
         fv(["prog"] + list(argv))
     except flags.Error as e:
@@ -87,4 +93,6 @@ def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):
         raise ConfigError("--config is required (e.g. --config configs/dit_sample.py:smoke)")
     if workdir_required and not fv.workdir:
         raise ConfigError("--workdir is required")
+    # Before anything touches a device: the distributed runtime, when flags or a cluster ask for it.
+    distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     return config, fv.workdir

@@ -92,12 +92,13 @@ class Model:
         return self._jit("cfg", mask)(self.on_devices().params, x, t, y, cfg_scale, cache, beta=beta, **kw)
 
     @classmethod
-    def random(cls, family: str, config, seed: int = 0, dtype=jnp.float32) -> "Model":
-        """A randomly initialised model (the original's init is not reproduced; for tests and training)."""
+    def random(cls, family: str, config, seed: int = 0, dtype=jnp.float32, mesh=None) -> "Model":
+        """A randomly initialised model (the original's init is not reproduced; for tests and training),
+        replicated over `mesh` (default: all devices)."""
         _, module_cls, example_inputs = family_of(family)
         x, t, y = (None if s is None else jnp.zeros(s.shape, s.dtype) for s in example_inputs(config))
         init = jax.jit(lambda k, x, t, y: module_cls(config).init(k, x, t, y)["params"],
-                       out_shardings=parallel.replicated())
+                       out_shardings=parallel.replicated(mesh))
         return cls(family, config, init(jax.random.key(seed), x, t, y), dtype=dtype)
 
     def save(self, directory: str, overwrite: bool = False, **extra) -> None:
@@ -119,7 +120,7 @@ def load_model(directory: str, dtype=jnp.float32, mesh=None) -> Model:
     return Model(meta["family"], config, params, dtype=dtype)
 
 
-def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False) -> Model:
+def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False, mesh=None) -> Model:
     """The model a config's `model` section names (the schema: l2c_jax/configs/common.py).
 
     `random_init=False`: the directory `checkpoint` (written by convert/ or
@@ -127,7 +128,8 @@ def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False) -
     `random_init=True`: random weights (seed `init_seed`) of the released
     architecture `name` ("" = the family config's defaults) with the fields
     of `arch` that are not None. `abstract`: parameter shapes only (nothing
-    read or initialised), for compile-only work.
+    read or initialised), for compile-only work. `mesh`: where the weights are
+    replicated (default: all devices of all processes).
     """
     mc = model_config
     family = mc.get("family") or "dit"
@@ -141,14 +143,14 @@ def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False) -
             config = family_of(meta["family"]).config_cls(**meta["config"])
             model = Model(meta["family"], config, abstract_params(meta["family"], config), dtype=dtype)
         else:
-            model = load_model(path, dtype=dtype)
+            model = load_model(path, dtype=dtype, mesh=mesh)
         if mc.get("family") and model.family != mc.family:
             raise ConfigError(f"config.model.family is {mc.family!r}, but {path} holds a {model.family} model")
         return model
     config = architecture(mc)
     if abstract:
         return Model(family, config, abstract_params(family, config), dtype=dtype)
-    return Model.random(family, config, int(mc.get("init_seed") or 0), dtype=dtype)
+    return Model.random(family, config, int(mc.get("init_seed") or 0), dtype=dtype, mesh=mesh)
 
 
 def architecture(model_config):

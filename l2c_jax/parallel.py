@@ -42,6 +42,19 @@ def default_mesh() -> Mesh:
     return _default_mesh(tuple(d.id for d in jax.devices()))
 
 
+@functools.lru_cache(maxsize=None)
+def _local_mesh(ids: tuple) -> Mesh:
+    return make_mesh(jax.local_devices())
+
+
+def local_mesh() -> Mesh:
+    """The mesh over this process's own devices: for work that needs no other process (sampling, encoding).
+
+    In a one-process job it is `default_mesh()`.
+    """
+    return _local_mesh(tuple(d.id for d in jax.local_devices()))
+
+
 def replicated(mesh: Optional[Mesh] = None) -> NamedSharding:
     """Every device holds the whole array (the default for weights)."""
     return NamedSharding(mesh or default_mesh(), PartitionSpec())
@@ -67,6 +80,10 @@ def place(tree: Any, mesh: Optional[Mesh] = None, sharding: Optional[NamedShardi
     def put(a):
         if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
             return a
+        if not sharding.is_fully_addressable:
+            # A mesh over several processes: each holds the same value and fills its own devices' part.
+            host = np.asarray(a)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
         return jax.device_put(a, sharding)
 
     return jax.tree.map(put, tree)

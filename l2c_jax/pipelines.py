@@ -26,7 +26,32 @@ from l2c_jax.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _labels(config, num_classes: int) -> np.ndarray:
+# Independent random streams of a sampling job, each drawn per image from (seed, image index).
+_NOISE, _LABEL, _STEP = range(3)
+
+
+def _stream(seed: int, which: int):
+    return jax.random.fold_in(jax.random.key(int(seed)), which)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _normal_per_index(key, shape, indices):
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
+
+
+def sample_noise(seed: int, indices, shape) -> jax.Array:
+    """The starting noise of images `indices`: image i's depends only on (seed, i), not on batches or devices."""
+    return _normal_per_index(_stream(seed, _NOISE), tuple(shape), jnp.asarray(indices, jnp.int32))
+
+
+def sample_step_keys(seed: int, indices) -> jax.Array:
+    """Per-image PRNG keys for samplers that draw noise at every step (DDPM, DDIM with eta > 0)."""
+    key = _stream(seed, _STEP)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.int32))
+
+
+def sample_labels(config, num_classes: int) -> np.ndarray:
+    """The class of every image: config.labels repeated to num_samples, or drawn per image from (seed, i)."""
     if config.get("labels"):
         y = np.asarray(list(config.labels), np.int64)
         n = int(config.get("num_samples") or len(y))
@@ -35,17 +60,21 @@ def _labels(config, num_classes: int) -> np.ndarray:
         n = int(config.get("num_samples") or 0)
         if n <= 0:
             raise ConfigError("set labels or num_samples")
-        y = np.random.default_rng(config.seed).integers(0, num_classes, size=n)
+        key = _stream(config.seed, _LABEL)
+        y = np.asarray(jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes))(
+            jnp.arange(n, dtype=jnp.int32)), np.int64)
     if y.min() < 0 or y.max() >= num_classes:
         raise ConfigError(f"labels must lie in [0, {num_classes - 1}], got {y.min()}..{y.max()}")
     return y
 
 
-def load_for_sampling(config):
-    """(model, router or None, vae or None) from the config's paths, weights on the devices."""
+def load_for_sampling(config, mesh=None):
+    """(model, router or None, vae or None) from the config's paths, weights replicated over `mesh`
+    (default: every device)."""
     from l2c_jax.model import model_from_config
 
-    model = model_from_config(config.model, dtype=jnp.dtype(config.get("dtype", "float32"))).on_devices()
+    model = model_from_config(config.model, dtype=jnp.dtype(config.get("dtype", "float32")),
+                              mesh=mesh).on_devices(mesh)
     router = None
     rc = config.get("router")
     if rc is not None and rc.get("checkpoint"):
@@ -55,7 +84,7 @@ def load_for_sampling(config):
     vc = config.get("vae")
     if vc is not None and vc.get("checkpoint"):
         from l2c_jax.vae import load_vae
-        vae = load_vae(vc.checkpoint, chunk_size=vc.get("decode_chunk", 16))
+        vae = load_vae(vc.checkpoint, chunk_size=vc.get("decode_chunk", 16), mesh=mesh)
     return model, router, vae
 
 
@@ -93,31 +122,43 @@ def _check_evaluation(config) -> None:
 def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
     """Samples, decodes and writes the images a sampling config asks for.
 
+    Image i's label and noise depend only on (config.seed, i), so the images
+    do not depend on the batch size or on how many processes and devices
+    share the job. Each process samples its own batches on its own devices
+    (`parallel.local_mesh`) and writes them as shards with their indices
+    (`l2c_jax.shards`); a rerun of an interrupted job samples only what is
+    missing. Process 0 then writes the grid, the npz (streamed from the
+    shards, each index checked present exactly once) and the scores, and
+    removes the shards.
+
     Reports latency per batch, the computed share, and wall time and peak
     memory per phase: load (model, router, VAE), compile (the step graphs;
     for U-ViT, which compiles on first use, the first run of the first
     batch), sample (every other sampling run) and decode.
     """
-    from l2c_jax import compile_cache
+    from l2c_jax import compile_cache, distributed, parallel
     from l2c_jax.memory import Phases
 
     compile_cache.from_setting(config.get("compilation_cache_dir", "default"))
     _check_evaluation(config)  # before the sampling it would score, not after
+    report = distributed.main_only(report)
     phases = Phases()
     try:
         with phases("load"):
-            model, router, vae = load_for_sampling(config)
+            mesh = parallel.local_mesh()  # sampling needs no other process: each runs its own batches
+            model, router, vae = load_for_sampling(config, mesh)
             made = _make_sampler(model, router, config)
-        return _sample_batches(config, workdir, report, model, router, vae, made, phases)
+        return _sample_batches(config, workdir, report, model, vae, made, phases, mesh)
     finally:
         phases.close()
 
 
-def _sample_batches(config, workdir, report, model, router, vae, made, phases) -> dict:
+def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> dict:
     from tqdm.auto import tqdm
 
-    from l2c_jax import parallel
+    from l2c_jax import distributed, parallel
     from l2c_jax.memory import release_free_heap
+    from l2c_jax.shards import ShardStore, batches_of, job_fingerprint
 
     sampler, masks, share, what, of_what = made
     cfg = model.config
@@ -127,29 +168,37 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
             raise ConfigError("set num_samples (this model is unconditional: labels are ignored)")
         labels = None
     else:
-        labels = _labels(config, cfg.null_class)  # the classes below the null class
+        labels = sample_labels(config, cfg.null_class)  # the classes below the null class
         n = len(labels)
     bs = int(config.batch_size)
-    rng = jax.random.key(config.seed)
+    if bs < 1:
+        raise ConfigError(f"batch_size must be positive, got {bs}")
     workdir = workdir or config.get("workdir") or "."
     os.makedirs(workdir, exist_ok=True)
+    store = ShardStore(os.path.join(workdir, "shards"), job_fingerprint(config), n)
+    if distributed.is_main():
+        store.prepare()
+    distributed.barrier("l2c-shards-prepared")
+    store.check()
+    remaining = store.remaining()
+    distributed.barrier("l2c-shards-scanned")  # every process dealt the same remaining indices
+    mine = batches_of(remaining, bs, jax.process_index(), jax.process_count())
+    if len(remaining) < n:
+        report(f"resuming: {n - len(remaining)} of {n} images are already in {store.directory}")
     scale = config.sampler.get("cfg_scale")
-    aot = len(jax.devices()) == 1 and sampler.compile_ahead
+    shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+    aot = mesh.devices.size == 1 and sampler.compile_ahead and bool(mine)
     if aot:  # every graph of the schedule, compiled ahead and in parallel
         with phases("compile"):
             sampler.compile(bs, masks)
 
-    outs, times = [], []
-    n_batches = -(-n // bs)
+    times = []
     first = True
-    for b in tqdm(range(n_batches), desc="batches", disable=n_batches < 2):
-        count = min(bs, n - b * bs)
-        rng, k_noise, k_step = jax.random.split(rng, 3)
-        noise = parallel.shard_batch(jax.random.normal(k_noise, (bs, cfg.input_size, cfg.input_size,
-                                                                 cfg.in_channels)))
-        # pad the last batch so every batch compiles to one shape
-        yb = None if labels is None else np.resize(labels[b * bs:(b + 1) * bs], bs)
-        key = k_step if sampler.draws_noise else None
+    for b, idx in enumerate(tqdm(mine, desc="batches", disable=len(mine) < 2 or not distributed.is_main())):
+        padded = np.resize(idx, bs)  # the last batch repeats indices so every batch compiles to one shape
+        noise = parallel.shard_batch(sample_noise(config.seed, padded, shape), mesh)
+        yb = None if labels is None else labels[padded]
+        key = sample_step_keys(config.seed, padded) if sampler.draws_noise else None
         run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale)  # noqa: E731
         runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
         for r in range(runs):
@@ -163,20 +212,22 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
             first = False
         with phases("decode"):
             imgs = vae.decode(lat / config.vae.get("scale", 0.18215)) if vae is not None else lat
-            outs.append(imio.to_uint8(np.asarray(imgs))[:count])
+            store.write(idx, imio.to_uint8(np.asarray(imgs))[:len(idx)])
         del lat, imgs
         release_free_heap()  # the decoder's first compile and its full-resolution activations
-    images = np.concatenate(outs)
+    distributed.barrier("l2c-shards-written")
+    if not distributed.is_main():
+        return dict(num_images=n, sampled=int(sum(len(i) for i in mine)), process=jax.process_index())
 
     grid_path = os.path.join(workdir, config.get("grid", "samples.png"))
-    imio.save_png(grid_path, imio.make_grid(images[: config.get("grid_max", 64)], nrow=8),
+    imio.save_png(grid_path, imio.make_grid(store.read(np.arange(min(n, config.get("grid_max", 64)))), nrow=8),
                   upscale=config.get("grid_upscale", 1))
     npz_path = None
     ev = config.get("evaluate")
     scoring = bool(ev is not None and ev.get("reference"))
     if config.get("npz") or scoring:
-        npz_path = os.path.join(workdir, config.get("npz") or "samples.npz")
-        imio.save_npz(npz_path, images)
+        npz_path = store.assemble(os.path.join(workdir, config.get("npz") or "samples.npz"))
+    store.remove()  # the job is done: its images are in the npz (or were not asked for)
     metrics = None
     if scoring:
         from l2c_jax.eval.evaluator import evaluate
@@ -185,21 +236,27 @@ def _sample_batches(config, workdir, report, model, router, vae, made, phases) -
             metrics = evaluate(npz_path, ev.reference, ev.get("inception"), batch_size=int(ev.get("batch_size", 64)))
 
     t = np.asarray(times)
-    result = dict(latency_mean=float(t.mean()), latency_std=float(t.std()), computed_share=share,
-                  num_images=int(len(images)), grid=grid_path, npz=npz_path, batch_size=bs,
-                  steps=sampler.rows, router=bool(router), phases=phases.summary(), metrics=metrics)
+    timed = len(t) > 0
+    result = dict(latency_mean=float(t.mean()) if timed else None, latency_std=float(t.std()) if timed else None,
+                  computed_share=share, num_images=n, sampled=int(sum(len(i) for i in mine)),
+                  processes=jax.process_count(), grid=grid_path, npz=npz_path, batch_size=bs, steps=sampler.rows,
+                  router=masks is not None, phases=phases.summary(), metrics=metrics)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
-    report(f"sampled {len(images)} images, {what}{' + L2C' if router else ''}, batch {bs}: "
-           f"{t.mean():.3f}±{t.std():.3f} s per batch "
-           f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
+    where = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    if timed:
+        report(f"sampled {n} images{where}, {what}{' + L2C' if masks is not None else ''}, batch {bs}: "
+               f"{t.mean():.3f}±{t.std():.3f} s per batch "
+               f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
+    else:
+        report(f"all {n} images were sampled before this run; nothing left to sample")
     report(f"sub-layers computed: {share * 100:.2f}% of {of_what}")
     report(f"wrote {grid_path}" + (f" and {npz_path}" if npz_path else ""))
     if metrics is not None:  # the ADM evaluator's lines, against config.evaluate.reference
         for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
             report(f"{name}: {metrics[name]}")
-    report("phases (wall time, peak resident memory)" + ("" if aot else "; compile = first run, with compilation")
-           + ":")
+    report("phases (wall time, peak resident memory" + (", process 0" if where else "") + ")"
+           + ("" if aot else "; compile = first run, with compilation") + ":")
     for line in phases.lines():
         report("  " + line)
     return result

@@ -50,9 +50,9 @@ class VAE:
     """The autoencoder behind the API.md calls; `apply_encode` / `apply_decode` are the pure versions."""
 
     def __init__(self, config: VAEConfig, params: Any, dtype=jnp.float32,
-                 chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE):
+                 chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, mesh=None):
         self.config = config
-        self.params = parallel.place(params)  # once on the devices; restored trees already are
+        self.params = parallel.place(params, mesh)  # once on the devices; restored trees already are
         self.dtype = dtype
         self.chunk_size = chunk_size
         self.module = AutoencoderKL(config, dtype=dtype)
@@ -103,8 +103,10 @@ class VAE:
                                    **extra)
 
 
-def load_vae(directory: str, dtype=jnp.float32, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE) -> VAE:
-    """Restores an autoencoder written by `convert/vae.py` (or `VAE.save`)."""
+def load_vae(directory: str, dtype=jnp.float32, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+             mesh=None) -> VAE:
+    """Restores an autoencoder written by `convert/vae.py` (or `VAE.save`), replicated over `mesh`
+    (default: all devices)."""
     meta = checkpoint.read_model_meta(directory)
     if meta["family"] != FAMILY:
         raise CheckpointError(f"{directory}: holds a {meta['family']!r} model, not a VAE "
@@ -113,5 +115,6 @@ def load_vae(directory: str, dtype=jnp.float32, chunk_size: Optional[int] = DEFA
         config = VAEConfig.from_dict(meta["config"])
     except (TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{directory}: invalid VAE config: {e}") from None
-    params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR), abstract_vae_params(config))
-    return VAE(config, params, dtype=dtype, chunk_size=chunk_size)
+    params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR), abstract_vae_params(config),
+                                       mesh=mesh)
+    return VAE(config, params, dtype=dtype, chunk_size=chunk_size, mesh=mesh)

@@ -13,10 +13,14 @@ of every image too, as U-ViT's feature extraction does).
 from __future__ import annotations
 
 from l2c_jax.cli import parse_config_flags, run_main
+from l2c_jax.distributed import log_format
 
 
 def main(argv):
     config, workdir = parse_config_flags(argv, __doc__, workdir_required=True)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=log_format("%(levelname)s %(message)s"))
     from l2c_jax.training.extract import extract_latents
 
     extract_latents(config, workdir)

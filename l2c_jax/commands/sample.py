@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 from l2c_jax.cli import parse_config_flags, run_main
+from l2c_jax.distributed import log_format
 
 
 def main(argv):
     config, workdir = parse_config_flags(argv, __doc__)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=log_format("%(levelname)s %(message)s"))
     from l2c_jax.pipelines import run_compare, run_sampling
 
     if config.get("mode") == "compare":

@@ -11,6 +11,7 @@ Rerunning the same command resumes from the latest checkpoint in WORKDIR.
 from __future__ import annotations
 
 from l2c_jax.cli import parse_config_flags, run_main
+from l2c_jax.distributed import log_format
 
 
 def main(argv):
@@ -18,7 +19,7 @@ def main(argv):
     import logging
 
     # Our progress lines only; orbax and absl narrate every checkpoint at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=log_format("%(asctime)s %(message)s"))
     from l2c_jax.training.trainer import train_router
 
     train_router(config, workdir)

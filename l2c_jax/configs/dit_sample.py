@@ -12,6 +12,10 @@ The variant after `:` names the run:
   commands write; the released routers (DiT-XL/2 256 at DDIM 20 and 50) are
   read as they are, other settings read a router trained with
   scripts/train_router.py (configs/router_dit.py).
+- `digits_ddimN[_l2c]`: the shipped digits DiT (assets/digits, 8x8 pixels,
+  no VAE) and its router for N = 20 or 50: 1,000 images with labels drawn
+  per image, written to samples.npz. Nothing to download; the multi-process
+  tests and README examples run it.
 - `smoke`: a randomly initialised pixel-space DiT (16x16 RGB, 4 blocks), no
   checkpoint, no VAE: the whole sampling path in seconds on a CPU. Set
   `--config.model.checkpoint=DIR --config.model.random_init=False` to sample
@@ -25,15 +29,19 @@ import re
 import ml_collections
 
 from l2c_jax.configs import common
+from l2c_jax.configs.digits_dit import ARCH as DIGITS_ARCH
 from l2c_jax.models.dit import DIT_VARIANTS
+from l2c_jax.resources import asset
 
 # The released routers exist for DiT-XL/2 256 at DDIM 20 and 50 (threshold 0.1);
 # other step counts / sizes need a router trained with scripts/train_router.py.
 RELEASED_ROUTERS = {(256, 20): "ckpt/DDIM20_router.pt", (256, 50): "ckpt/DDIM50_router.pt"}
 THRESHOLDS = {(256, 50): 0.1, (256, 20): 0.1, (256, 10): 0.1, (512, 50): 0.9}
 
-FORMS = ("MODEL_SIZE_ddimN[_l2c] with MODEL xl2|l2|b2|s2|xl4|..., SIZE 256|512 (e.g. xl2_256_ddim20_l2c)", "smoke")
-VARIANTS = tuple(f"xl2_{s}_ddim{n}{l}" for s in (256, 512) for n in (10, 20, 50) for l in ("", "_l2c")) + ("smoke",)
+FORMS = ("MODEL_SIZE_ddimN[_l2c] with MODEL xl2|l2|b2|s2|xl4|..., SIZE 256|512 (e.g. xl2_256_ddim20_l2c)",
+         "digits_ddim20[_l2c]", "digits_ddim50[_l2c]", "smoke")
+VARIANTS = (tuple(f"xl2_{s}_ddim{n}{l}" for s in (256, 512) for n in (10, 20, 50) for l in ("", "_l2c"))
+            + tuple(f"digits_ddim{n}{l}" for n in (20, 50) for l in ("", "_l2c")) + ("smoke",))
 _PATTERN = r"(?P<size>xl|l|b|s)(?P<patch>[248])_(?P<image>256|512)_ddim(?P<steps>[1-9][0-9]*)(?P<l2c>_l2c)?"
 
 
@@ -85,10 +93,31 @@ def smoke():
     return c
 
 
+def digits(steps: int, l2c: bool):
+    c = base(steps=steps)
+    c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=DIGITS_ARCH)
+    c.vae.checkpoint = ""  # pixel space: samples are images
+    c.sampler.cfg_scale = 1.0  # no guidance: the best FID on this model (configs/digits.py)
+    c.router.checkpoint = asset("digits", f"router_ddim{steps}.safetensors") if l2c else ""
+    c.router.threshold = 0.5
+    c.labels = ()
+    c.num_samples = 1000
+    c.batch_size = 250
+    c.repeats = 0
+    c.npz = "samples.npz"
+    c.grid_upscale = 8
+    c.evaluate.inception = ""
+    c.workdir = f"out/digits_ddim{steps}{'_l2c' if l2c else ''}"
+    return c
+
+
 def get_config(arg=None):
     arg = common.variant(arg, "xl2_256_ddim20")
     if arg == "smoke":
         return smoke()
+    d = re.fullmatch(r"digits_ddim(20|50)(_l2c)?", arg)
+    if d:
+        return digits(int(d[1]), bool(d[2]))
     m = re.fullmatch(_PATTERN, arg)
     model = m and f"DiT-{m['size'].upper()}/{m['patch']}"
     if model not in DIT_VARIANTS:

@@ -27,6 +27,7 @@ from l2c_jax.diffusion.gaussian import create_diffusion
 from l2c_jax.errors import ConfigError
 from l2c_jax.models.cache import check_mask
 from l2c_jax.sampling.base import Sampler, abstract, call_scale, cast_cache, computed_share
+from l2c_jax.sampling.forecast import Forecaster, check_forecast
 
 
 class DiTSampler(Sampler):
@@ -100,23 +101,25 @@ class DiTSampler(Sampler):
             x = self.diffusion.ddpm_step(out, x, i, noise)
         return x, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None)
 
-    def _plan(self, schedule) -> list:
-        # static: (mask, keep the cache for the next step, a cache comes in); cond: one graph, cache always carried.
+    def _plan(self, schedule, carry: bool = False, keep_history: bool = False) -> list:
+        # static: (mask, keep the cache for the next step, a cache comes in, donate it); cond: one graph, cache
+        # always carried. carry: every step returns its units (a forecast or a calibration reads each value).
+        # keep_history: the incoming cache is not donated (a forecaster holds those buffers).
         if self.strategy == "cond":
-            return [("cond", True, True)] * len(schedule)
+            return [("cond", True, True, not keep_history)] * len(schedule)
         keys, has_cache = [], False
         for s, m in enumerate(schedule):
-            keep = s + 1 < len(schedule) and schedule[s + 1] is not None
-            keys.append((m, keep, has_cache))
+            keep = carry or (s + 1 < len(schedule) and schedule[s + 1] is not None)
+            keys.append((m, keep, has_cache, not keep_history))
             has_cache = keep
         return keys
 
     def _build(self, key):
-        mask, keep, _ = key
+        mask, keep, _, donate = key
         mask = None if mask == "cond" else mask
         # x always, and the incoming cache where the step passes one on, give their buffers to the outputs.
         return jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep),
-                       donate_argnums=(1, 2) if keep else (1,))
+                       donate_argnums=(1, 2) if keep and donate else (1,))
 
     def _rows(self, x) -> int:
         return int(x.shape[0]) // (2 if self.cfg_scale is not None else 1)
@@ -159,13 +162,21 @@ class DiTSampler(Sampler):
         return computed_share(masks, self.steps, self.model.num_units)
 
     def __call__(self, noise, y, masks=None, key=None, progress: bool = False, cfg_scale="default",
-                 max_steps: int = 0):
+                 max_steps: int = 0, forecast: str = "copy", on_step=None):
         """noise (B,H,W,C) float32, y (B,) int labels -> latents (B,H,W,C).
+
+        key: the PRNG key of DDPM / eta > 0 noise: one key for the batch, or one
+        per sample ((B,) keys), whose step noise then depends on that key only.
 
         cfg_scale: the guidance scale of this call (default: the constructor's).
         A sampler built without guidance samples without it; one built with
         guidance takes any scale, without compiling anything new.
         max_steps: run only the first `max_steps` steps (benchmarks time a prefix).
+        forecast: how a reused unit's value is formed: "copy" (the cache methods,
+        L2C's included) or TaylorSeer's "taylor1" / "taylor2" (`sampling.forecast`).
+        on_step: called as on_step(step, units) after every step with the tuple of
+        the units' values the step left (computed or reused).
+        The next step takes those buffers over: copy what you keep.
         """
         scale = call_scale(self.cfg_scale, cfg_scale, off_value=1.0)
         noise = jnp.asarray(noise, jnp.float32)
@@ -184,13 +195,16 @@ class DiTSampler(Sampler):
             if key is None:
                 raise ConfigError(f"{self.solver} with eta={self.eta} draws noise: pass a PRNG key")
         b = noise.shape[0]
+        key = _as_keys(key, b)
         if self.cfg_scale is not None:
             x = jnp.concatenate([noise, noise], 0)
             y = jnp.concatenate([y, jnp.full_like(y, cfg.null_class)], 0)
         else:
             x = jnp.array(noise, copy=True)  # the steps donate x: never hand them the caller's array
         schedule = self.schedule_of(masks)
-        plan = self._plan(schedule)
+        forecaster = Forecaster(forecast, self.model.num_units) if check_forecast(forecast) != "copy" else None
+        plan = self._plan(schedule, carry=forecaster is not None or on_step is not None,
+                          keep_history=forecaster is not None)
         cache = self._cache_units(x.shape[0]) if self.strategy == "cond" else None
         indices = self.diffusion.sampling_indices()
         if max_steps and max_steps < len(indices):
@@ -201,10 +215,37 @@ class DiTSampler(Sampler):
             it = tqdm(it, total=len(indices), desc="sampling", leave=False)
         for s, i in it:
             step_noise = None
-            if key is not None:
+            if key is not None and key.ndim == 0:  # one key for the batch
                 key, sub = jax.random.split(key)
                 step_noise = jax.random.normal(sub, x.shape, x.dtype)
+            elif key is not None:  # a key per sample: its noise does not depend on the batch it is in
+                step_noise = _per_sample_normal(key, jnp.int32(s), x.shape[1:])
+                if self.cfg_scale is not None:  # the null half's noise is never used (forward_with_cfg)
+                    step_noise = jnp.concatenate([step_noise, step_noise], 0)
+            if forecaster is not None:
+                cache = forecaster.inputs(s, schedule[s], cache)
             x, cache = self.run(plan[s], self.model.params, x, cache, jnp.int32(i), y, step_noise,
                                 None if scale is None else jnp.float32(scale), self.mask_arg(schedule[s]),
                                 aot_ok=step_noise is None)
+            if forecaster is not None:
+                forecaster.update(s, schedule[s], cache)
+            if on_step is not None:
+                on_step(s, cache)
         return x[:b]
+
+
+def _as_keys(key, batch: int):
+    """A typed PRNG key (scalar) or a (batch,) array of them, from typed or raw uint32 keys."""
+    if key is None:
+        return None
+    key = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key.astype(jnp.uint32))
+    if key.ndim > 1 or (key.ndim == 1 and key.shape[0] != batch):
+        raise ConfigError(f"key: one PRNG key or one per sample ({batch}), got shape {tuple(key.shape)}")
+    return key
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _per_sample_normal(keys, step, shape):
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)

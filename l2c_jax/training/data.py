@@ -178,13 +178,21 @@ class Batches:
 
     The order of epoch e is a permutation seeded by (seed, e); the flip of
     each example is drawn from (seed, e, index). `state()` / `restore()` give
-    and take {"epoch", "pos"}.
+    and take {"epoch", "pos"}. `batch_size` is the global batch; with several
+    processes each loads only its own part of it (process p: rows
+    p*B/P..(p+1)*B/P), which `jax.make_array_from_process_local_data` joins
+    into the global batch, the same batch a one-process run reads.
     """
 
-    def __init__(self, source, batch_size: int, seed: int = 0, flip: bool = True, workers: int = 8):
+    def __init__(self, source, batch_size: int, seed: int = 0, flip: bool = True, workers: int = 8,
+                 process_index: int = 0, process_count: int = 1):
         if batch_size > len(source):
             raise ConfigError(f"batch size {batch_size} exceeds the {len(source)} examples of the dataset")
+        if batch_size % process_count:
+            raise ConfigError(f"train.batch_size {batch_size} is not divisible by {process_count} processes")
         self.source, self.batch_size, self.seed, self.flip = source, batch_size, seed, flip
+        self.local_batch = batch_size // process_count
+        self._first = process_index * self.local_batch  # this process's rows of each global batch
         self.epoch, self.pos = 0, 0
         self._pool = ThreadPoolExecutor(max_workers=workers)
         self._seq = None
@@ -219,14 +227,17 @@ class Batches:
             # No random access (tfrecord TFDS): file order, replayed from the position.
             if self._seq is None:
                 self._seq = self.source.sequential(self.pos)
+            # Every process replays the stream; each keeps its own rows.
             items = []
-            for _ in range(self.batch_size):
+            for k in range(self.batch_size):
                 x, y = next(self._seq)
-                if self.flip and np.random.default_rng([self.seed, self.epoch, self.pos + len(items)]).random() < 0.5:
-                    x = x[:, ::-1]
-                items.append((x, y))
+                if self._first <= k < self._first + self.local_batch:
+                    if self.flip and np.random.default_rng([self.seed, self.epoch, self.pos + k]).random() < 0.5:
+                        x = x[:, ::-1]
+                    items.append((x, y))
         else:
-            idx = self._order()[self.pos:self.pos + self.batch_size]
+            start = self.pos + self._first
+            idx = self._order()[start:start + self.local_batch]
             items = list(self._pool.map(self._fetch, idx))
         self.pos += self.batch_size
         xs = np.stack([np.ascontiguousarray(x) for x, _ in items])

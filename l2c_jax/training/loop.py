@@ -115,8 +115,9 @@ def metric_writer(workdir: str, *, just_logging: bool = False):
 def prepare_workdir(config, workdir: str) -> None:
     """Creates WORKDIR and writes the run's config to WORKDIR/config.json."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # one writer where several processes share the directory
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 @jax.jit

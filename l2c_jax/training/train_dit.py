@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2c_jax import parallel
+from l2c_jax import distributed, parallel
 from l2c_jax.diffusion import create_diffusion
 from l2c_jax.model import Model, architecture
 from l2c_jax.training.data import Batches, make_source
@@ -46,13 +46,15 @@ def dit_initialization(params, key):
 def train_dit(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a DiT from scratch; returns the log history and the model path."""
     tc = config.train
+    report = distributed.main_only(report)
     prepare_workdir(config, workdir)
     arch = architecture(config.model)  # the config schema's rules: l2c_jax/configs/common.py
     model = Model.random("dit", arch, int(config.seed))
     model.params = dit_initialization(model.params, jax.random.key(int(config.seed) + 3))
     diffusion = create_diffusion("", learn_sigma=arch.learn_sigma)  # all 1000 steps, as DiT trains
     source = make_source(config.data, int(config.data.image_size))
-    batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=bool(config.data.get("flip", False)))
+    batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=bool(config.data.get("flip", False)),
+                      process_index=jax.process_index(), process_count=jax.process_count())
     mesh = parallel.make_mesh()
 
     tx = optax.chain(optax.clip_by_global_norm(float(tc.get("grad_clip", 1e9))),

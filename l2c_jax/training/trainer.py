@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l2c_jax import parallel
+from l2c_jax import distributed, parallel
 from l2c_jax.images import save_png
 from l2c_jax.model import model_from_config
 from l2c_jax.router import Router, save_router
@@ -98,6 +98,7 @@ def router_heatmap(prob: np.ndarray, rows: np.ndarray, upscale: int = 8) -> np.n
 def train_router(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a router; returns final metrics and paths."""
     tc = config.train
+    report = distributed.main_only(report)
     prepare_workdir(config, workdir)
     model = model_from_config(config.model)
     vae = _load_vae(config)
@@ -107,7 +108,8 @@ def train_router(config, workdir: str, report=print) -> dict:
         vae.params = parallel.place(vae.params, mesh)
 
     source = make_source(config.data, int(config.data.image_size))
-    batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=config.data.get("flip", True))
+    batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=config.data.get("flip", True),
+                      process_index=jax.process_index(), process_count=jax.process_count())
 
     tx = optax.adamw(float(tc.lr), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 
@@ -126,7 +128,8 @@ def train_router(config, workdir: str, report=print) -> dict:
         computed, total = Router(prob, objective.kind, threshold=thr).counts(thr)
         heat = router_heatmap(prob, objective.heat_rows)
         writer.write_images(step, {"router": heat[None].astype(np.float32) / 255.0})
-        save_png(os.path.join(workdir, "router_heatmap.png"), heat)
+        if distributed.is_main():
+            save_png(os.path.join(workdir, "router_heatmap.png"), heat)
         return {"computed_share": computed / total}
 
     state, history = train_loop(
@@ -136,7 +139,9 @@ def train_router(config, workdir: str, report=print) -> dict:
 
     router = Router(np.asarray(state["prob"]), objective.kind, threshold=thr,
                     source=f"train_router step {int(state['step'])}")
-    path = save_router(router, os.path.join(workdir, "router.safetensors"))
+    path = os.path.join(workdir, "router.safetensors")
+    if distributed.is_main():
+        save_router(router, path)
     report(f"wrote {path}: {router.summary(thr)}")
     last = history[-1] if history else {}
     return dict(last, router=path, history=history)
