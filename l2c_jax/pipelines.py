@@ -104,7 +104,9 @@ def _make_sampler(model, router, config):
                           cache_dtype=config.get("cache_dtype") or None, **cls.options_from_config(sc))
     masks = sampler.check_router_masks(router_masks(model, router, thr, sampler.rows) if router else None)
     what, of_what = sampler.describe()
-    return sampler, masks, sampler.computed_share(masks), what, of_what
+    # A router trained with forecasts samples with them (only DiT routers have any).
+    forecast = {} if router is None or router.forecast == "copy" else {"forecast": router.forecast}
+    return sampler, masks, sampler.computed_share(masks), what, of_what, forecast
 
 
 def _check_evaluation(config) -> None:
@@ -160,7 +162,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     from l2c_jax.memory import release_free_heap
     from l2c_jax.shards import ShardStore, batches_of, job_fingerprint
 
-    sampler, masks, share, what, of_what = made
+    sampler, masks, share, what, of_what, forecast = made
     cfg = model.config
     if not cfg.conditional:
         n = int(config.get("num_samples") or len(config.get("labels") or ()))
@@ -199,7 +201,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
         noise = parallel.shard_batch(sample_noise(config.seed, padded, shape), mesh)
         yb = None if labels is None else labels[padded]
         key = sample_step_keys(config.seed, padded) if sampler.draws_noise else None
-        run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale)  # noqa: E731
+        run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale, **forecast)  # noqa: E731
         runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
         for r in range(runs):
             with phases("sample" if aot or not first else "compile"):

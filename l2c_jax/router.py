@@ -79,11 +79,20 @@ class Router:
     kind: str
     threshold: Optional[float] = None
     source: Optional[str] = None
+    period: int = 2  # dit-ddim: a full step, then period-1 cache steps (2: the original L2C)
+    forecast: str = "copy"  # how reused units were formed in training ("copy", "taylor1", "taylor2")
 
     def __post_init__(self):
         _check_kind(self.kind)
         prob = np.asarray(self.prob)
         where = f"{self.source}: " if self.source else ""
+        self.period = int(self.period)
+        if self.period < 2 or (self.kind != "dit-ddim" and self.period != 2):
+            raise ConfigError(f"{where}router period {self.period}: dit-ddim routers take 2 or more, "
+                              f"uvit-dpm2 routers 2")
+        if self.forecast not in ("copy", "taylor1", "taylor2") or (self.kind != "dit-ddim" and self.forecast != "copy"):
+            raise ConfigError(f"{where}router forecast {self.forecast!r}: dit-ddim routers take copy, taylor1 or "
+                              f"taylor2, uvit-dpm2 routers copy")
         if prob.ndim != 2 or prob.shape[0] < 1 or prob.shape[1] < 1:
             raise ConfigError(f"{where}router prob must be a non-empty (steps, units) array, got shape {prob.shape}")
         if prob.shape[1] % 2:
@@ -128,10 +137,10 @@ class Router:
         return float(threshold)
 
     def cache_steps(self) -> list:
-        """Sampler steps (sampling order) that reuse the cache."""
+        """Sampler steps (sampling order) that reuse the cache: for dit-ddim all but every period-th."""
         if self.kind == "dit-ddim":
             self._check_even_dit()
-            return list(range(1, self.steps, 2))
+            return [s for s in range(self.steps) if s % self.period]
         return list(range(1, self.sampler_steps))
 
     def cache_rows(self) -> list:
@@ -144,7 +153,7 @@ class Router:
         return self.steps - 1 - s if self.kind == "dit-ddim" else s
 
     def _check_even_dit(self):
-        if self.kind == "dit-ddim" and self.steps % 2:
+        if self.kind == "dit-ddim" and self.period == 2 and self.steps % 2:
             raise ConfigError(
                 f"a dit-ddim router needs an even number of steps, this one has {self.steps}: the original "
                 "alternates full and cache steps by parity and only has masks for even respaced indices"
@@ -190,8 +199,10 @@ class Router:
 
     def describe(self) -> str:
         """One line: kind and shape."""
+        extra = "" if self.period == 2 and self.forecast == "copy" else \
+            f", cache period {self.period}, {self.forecast} forecast"
         return (f"{self.kind} router, {self.steps} rows x {self.num_units} sub-layers "
-                f"({self.num_blocks} blocks, {self.sampler_steps} {self._step_word()})")
+                f"({self.num_blocks} blocks, {self.sampler_steps} {self._step_word()}{extra})")
 
 
 # ---------------------------------------------------------------------------
@@ -287,8 +298,10 @@ def _load_project(path: str, tensors: Mapping[str, np.ndarray], kind: Optional[s
         thr = float(thr) if thr is not None else None
     except ValueError:
         raise CheckpointError(f"{path}: router metadata threshold {thr!r} is not a number") from None
+    period = _meta_int(meta, "period", path) if meta.get("period") else 2  # files before periods: L2C's 2
     try:
-        return Router(prob=prob, kind=file_kind, threshold=thr, source=path)
+        return Router(prob=prob, kind=file_kind, threshold=thr, source=path, period=period,
+                      forecast=meta.get("forecast") or "copy")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -363,6 +376,8 @@ def save_router(router: Router, path) -> str:
         "steps": str(router.steps),
         "num_units": str(router.num_units),
         "threshold": "" if router.threshold is None else repr(float(router.threshold)),
+        "period": str(router.period),
+        "forecast": router.forecast,
         "source": os.path.basename(router.source) if router.source else "",
     }
     tmp = path + ".tmp"
@@ -380,6 +395,9 @@ def torch_state_dict(router: Router) -> dict:
     """
     torch = require_torch()
 
+    if router.period != 2 or router.forecast != "copy":
+        raise ConfigError(f"the released PyTorch layout holds L2C's period-2 copy routers; this one has period "
+                          f"{router.period} with {router.forecast} forecasts (keep it in the project's format)")
     rows = {f"{i}.prob": torch.from_numpy(np.array(router.prob[i], dtype=np.float32, copy=True))
             for i in range(router.steps)}
     return {"routers": rows} if router.kind == "dit-ddim" else rows

@@ -4,8 +4,14 @@
   python scripts/train_router.py --config configs/router_digits.py:50 --workdir runs/router_digits50
 
 The variant is the DDIM step count N (even; 20 and 50 are the shipped
-routers, assets/digits/router_ddim{20,50}.safetensors). Without one: 20.
+routers, assets/digits/router_ddim{20,50}.safetensors), optionally with a
+cache period K > 2 and a forecast (`N_kK[_taylor1|_taylor2]`, e.g. `50_k3`,
+`50_k4_taylor1`: a full step, then K-1 cache steps, each with its own row,
+reused units forecast instead of copied). Without one: 20.
 """
+
+import re
+
 
 import ml_collections
 
@@ -14,22 +20,25 @@ from l2c_jax.configs.digits_dit import ARCH
 from l2c_jax.resources import asset
 from l2c_jax.training.data import data_config
 
-VARIANTS = ("20", "50")
-FORMS = ("N, an even DDIM step count (20 and 50 are the shipped routers)",)
+VARIANTS = ("20", "50", "50_k3", "50_k4_taylor1")
+FORMS = ("N, an even DDIM step count (20 and 50 are the shipped routers)",
+         "N_kK[_taylor1|_taylor2], a cache period K >= 2 (N any step count) and a forecast")
 
 
 def get_config(arg=None):
     arg = common.variant(arg, "20")
-    if not arg.isdigit() or int(arg) < 2 or int(arg) % 2:
+    m = re.fullmatch(r"(\d+)(?:_k(\d+))?(?:_(taylor1|taylor2))?", arg)
+    period = int(m[2]) if m and m[2] else 2
+    if not m or int(m[1]) < 2 or period < 2 or period > int(m[1]) or (period == 2 and int(m[1]) % 2):
         raise common.unknown("router_digits.py", arg, FORMS)
-    steps = int(arg)
+    steps = int(m[1])
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
     c.vae = ml_collections.ConfigDict(dict(checkpoint="", scale=0.18215))
     c.data = data_config(image_size=8, tfds_name="sklearn_digits", flip=False)
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=steps))
-    c.router = ml_collections.ConfigDict(dict(threshold=0.5))
+    c.router = ml_collections.ConfigDict(dict(threshold=0.5, period=period, forecast=m[3] or "copy"))
     # As in the released table (DDIM 20: 5e-6, DDIM 50: 1e-6), more steps get a 5x smaller L1 weight.
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64, steps=1_500, lr=1e-2, l1={20: 5e-5, 50: 1e-5}.get(steps, 5e-5), label_dropout=0.1,

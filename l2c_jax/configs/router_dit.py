@@ -46,7 +46,8 @@ def base(tag="xl2", size=256, steps=20):
     c.vae = ml_collections.ConfigDict(dict(checkpoint="ckpt/sd-vae-ft-ema", scale=0.18215))
     c.data = data_config(image_size=size)  # image folder, TFDS or stored latents: l2c_jax.training.data
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=steps))
-    c.router = ml_collections.ConfigDict(dict(threshold=thr))
+    # period: a full step then period-1 cache steps (2: the released L2C); forecast: copy | taylor1 | taylor2.
+    c.router = ml_collections.ConfigDict(dict(threshold=thr, period=2, forecast="copy"))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64, steps=20_000, lr=lr, l1=l1, label_dropout=0.1, ste_threshold=None,
         log_every=100, checkpoint_every=1_000, keep_checkpoints=3,

@@ -124,6 +124,10 @@ def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Op
     compile_cache.ensure_enabled()
     guided = is_guided(model.family, cfg_scale)
     sampler = sampler_for(model, solver, steps, guided, strategy, **kw)
+    extra = {}
     if router is not None:
-        masks = router_masks(model, as_router(router, model), threshold, sampler.rows)
-    return sampler(noise, y, masks, key=key, progress=progress, cfg_scale=cfg_scale if guided else None)
+        router = as_router(router, model)
+        masks = router_masks(model, router, threshold, sampler.rows)
+        if router.forecast != "copy":  # a router trained with forecasts samples with them
+            extra["forecast"] = router.forecast
+    return sampler(noise, y, masks, key=key, progress=progress, cfg_scale=cfg_scale if guided else None, **extra)

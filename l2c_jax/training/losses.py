@@ -47,37 +47,85 @@ def router_weights(prob_row, ste_threshold: Optional[float] = None):
 
 
 def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
-                    ste_threshold: Optional[float] = None):
+                    ste_threshold: Optional[float] = None, period: int = 2, forecast: str = "copy"):
     """Returns (loss, aux). batch: x0 (B,H,W,C) latents, y (B,) labels already dropped
-    to the null class where needed, noise (B,H,W,C), t_index () odd respaced index."""
+    to the null class where needed, noise (B,H,W,C), t_index () the respaced index of a full step.
+
+    period 2 is the original's loss: one full DDIM step fills the cache, the next step is
+    trained. A longer period rolls the sampler on from that real state through the period's
+    period-1 cache steps, each with its own router row, the state advanced by the router's
+    own (interpolated) output, and trains all those rows together against the full model:
+    the data loss and the L1 term are means over the cache steps (steps past the end of
+    sampling do not count). forecast "taylor1" / "taylor2": a reused unit takes the Taylor
+    forecast from the full computes at this and the `order` previous period starts (real
+    states from the same noise), as `l2c_jax.sampling.forecast` forms it in sampling,
+    instead of a copy.
+    """
     x0, y, noise, t_index = batch["x0"], batch["y"], batch["noise"], batch["t_index"]
     b = x0.shape[0]
+    steps = diffusion.num_timesteps
     tmap = jnp.asarray(diffusion.timestep_map, jnp.int32)
+    order = {"copy": 0, "taylor1": 1, "taylor2": 2}[forecast]
+    sg = jax.lax.stop_gradient
+
+    def t_of(i):
+        return jnp.broadcast_to(tmap[i], (b,))
 
     # One full DDIM step, as sampling would take it; nothing here depends on prob.
     x_t = diffusion.q_sample(x0, t_index, noise)
-    out, cache = model.apply(params, x_t, jnp.broadcast_to(tmap[t_index], (b,)), y)
-    x_next = diffusion.ddim_step(out, x_t, t_index)
-    cache = jax.lax.stop_gradient(cache)
-    x_next = jax.lax.stop_gradient(x_next)
+    out, cache = model.apply(params, x_t, t_of(t_index), y)
+    x = sg(diffusion.ddim_step(out, x_t, t_index))
+    cache = sg(cache)
 
-    t_next = jnp.broadcast_to(tmap[t_index - 1], (b,))
-    target, _ = model.apply(params, x_next, t_next, y)
-    weights, scores = router_weights(prob[t_index - 1], ste_threshold)
-    pred, _ = model.apply(params, x_next, t_next, y, cache=cache, beta=weights)
+    # The previous period starts' full computes, for a forecast (absent before the first step: no term).
+    history, known = [cache], []
+    for m in range(1, order + 1):
+        i = t_index + m * period
+        ok = i <= steps - 1
+        ic = jnp.minimum(i, steps - 1)
+        _, c = model.apply(params, diffusion.q_sample(x0, ic, noise), t_of(ic), y)
+        history.append(sg(c))
+        known.append(ok)
 
-    mse = jnp.mean((jax.lax.stop_gradient(target) - pred) ** 2, axis=(1, 2, 3))
-    l1 = jnp.sum(scores)
-    data_loss = jnp.mean(mse)
+    def forecast_at(j):
+        # v + d1 j + d2 j^2 / 2 with backward differences over `period` steps, per unit.
+        if order == 0:
+            return None
+        d1 = [(v0 - v1) / period for v0, v1 in zip(history[0], history[1])]
+        out = [v + known[0] * j * d for v, d in zip(history[0], d1)]
+        if order == 2:
+            d1_prev = [(v1 - v2) / period for v1, v2 in zip(history[1], history[2])]
+            out = [o + (known[0] & known[1]) * (j * j / 2) * (a - p) / period
+                   for o, a, p in zip(out, d1, d1_prev)]
+        return tuple(out)
+
+    data, l1s, mses, count = 0.0, 0.0, 0.0, 0.0
+    for j in range(1, period):
+        i = t_index - j
+        valid = (i >= 0).astype(jnp.float32)
+        ic = jnp.maximum(i, 0)
+        target, _ = model.apply(params, x, t_of(ic), y)
+        weights, scores = router_weights(prob[ic], ste_threshold)
+        cache_in = cache if order == 0 else forecast_at(j)
+        pred, new_cache = model.apply(params, x, t_of(ic), y, cache=cache_in, beta=weights)
+        mse = jnp.mean((sg(target) - pred) ** 2, axis=(1, 2, 3))
+        data, l1s, mses, count = data + valid * jnp.mean(mse), l1s + valid * jnp.sum(scores), mses + valid * mse, \
+            count + valid
+        if j + 1 < period:  # roll on: the state and the cache the sampler would carry
+            x = sg(diffusion.ddim_step(pred, x, ic))
+            cache = sg(new_cache)
+    data_loss, l1, mse = data / count, l1s / count, mses / count
     loss = data_loss + l1_weight * l1
     return loss, dict(data_loss=data_loss, l1=l1, mse=mse)
 
 
-def dit_random_batch(key, x0, y, *, steps: int, null_class: int, label_dropout: float = 0.1):
-    """The original's random draws for one DiT loss: a random odd full step for the
-    whole batch, Gaussian noise, and label dropout to the null class."""
+def dit_random_batch(key, x0, y, *, steps: int, null_class: int, label_dropout: float = 0.1, period: int = 2):
+    """The original's random draws for one DiT loss: a random full step for the whole batch
+    (one of the period starts that has a cache step after it; period 2: a random odd respaced
+    index, as the original), Gaussian noise, and label dropout to the null class."""
     k_t, k_noise, k_drop = jax.random.split(key, 3)
-    t_index = jax.random.randint(k_t, (), 0, steps // 2) * 2 + 1
+    starts = -(-(steps - 1) // period)  # period starts (sampling order 0, period, ...) followed by a cache step
+    t_index = (steps - 1) - period * (starts - 1 - jax.random.randint(k_t, (), 0, starts))
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     drop = jax.random.uniform(k_drop, y.shape) < label_dropout
     return dict(x0=x0, y=jnp.where(drop, null_class, y), noise=noise, t_index=t_index.astype(jnp.int32))

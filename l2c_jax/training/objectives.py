@@ -43,6 +43,13 @@ class RouterObjective:
     tables: Any              # the diffusion / solver tables the loss closes over
     loss: Callable
     draw: Callable
+    period: int = 2          # a full step, then period-1 cache steps (dit-ddim)
+    forecast: str = "copy"   # how a reused unit's value is formed in training and sampling
+
+    def router(self, prob, threshold=None, source=None) -> Router:
+        """A `Router` of this objective's kind, period and forecast."""
+        return Router(np.asarray(prob), self.kind, threshold=threshold, source=source, period=self.period,
+                      forecast=self.forecast)
 
 
 def _common(config) -> tuple[float, Optional[float], float]:
@@ -51,17 +58,27 @@ def _common(config) -> tuple[float, Optional[float], float]:
 
 
 def dit_objective(model, config) -> RouterObjective:
-    """DDIM on the DiT's diffusion respaced to `sampler.steps` (even: full and cache steps alternate)."""
+    """DDIM on the DiT's diffusion respaced to `sampler.steps`, in cache periods of `router.period` steps
+    (2: full and cache steps alternate, the original; even step counts only, as the original)."""
+    from l2c_jax.sampling.forecast import check_forecast
+
     steps = int(config.sampler.steps)
-    if steps % 2:
+    rc = config.get("router") or {}
+    period, forecast = int(rc.get("period", 2) or 2), check_forecast(rc.get("forecast") or "copy")
+    if period < 2 or period > steps:
+        raise ConfigError(f"router.period must lie in [2, {steps}] (a full step and at least one cache step), "
+                          f"got {period}")
+    if period == 2 and steps % 2:
         raise ConfigError(f"sampler.steps must be even for DiT caching (full and cache steps alternate), "
                           f"got {steps}")
     l1, ste, dropout = _common(config)
     diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
-    loss = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=l1, ste_threshold=ste)
+    loss = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=l1, ste_threshold=ste,
+                             period=period, forecast=forecast)
     draw = functools.partial(dit_random_batch, steps=diffusion.num_timesteps, null_class=model.config.null_class,
-                             label_dropout=dropout)
-    return RouterObjective("dit-ddim", steps, np.arange(steps - 2, -1, -2), diffusion, loss, draw)
+                             label_dropout=dropout, period=period)
+    heat_rows = np.asarray([steps - 1 - s for s in range(steps) if s % period])
+    return RouterObjective("dit-ddim", steps, heat_rows, diffusion, loss, draw, period, forecast)
 
 
 def uvit_objective(model, config) -> RouterObjective:

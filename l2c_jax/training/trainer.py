@@ -31,7 +31,7 @@ import optax
 from l2c_jax import distributed, parallel
 from l2c_jax.images import save_png
 from l2c_jax.model import model_from_config
-from l2c_jax.router import Router, save_router
+from l2c_jax.router import save_router
 from l2c_jax.training.data import Batches, make_source
 from l2c_jax.training.loop import TrainingDiverged, prepare_workdir, train_loop
 from l2c_jax.training.objectives import RouterObjective, router_objective
@@ -125,7 +125,7 @@ def train_router(config, workdir: str, report=print) -> dict:
     def on_log(step, state, metrics, writer):
         # What the router looks like now: its computed share and a heat map (TensorBoard and a PNG).
         prob = np.asarray(state["prob"])
-        computed, total = Router(prob, objective.kind, threshold=thr).counts(thr)
+        computed, total = objective.router(prob, threshold=thr).counts(thr)
         heat = router_heatmap(prob, objective.heat_rows)
         writer.write_images(step, {"router": heat[None].astype(np.float32) / 255.0})
         if distributed.is_main():
@@ -137,8 +137,7 @@ def train_router(config, workdir: str, report=print) -> dict:
         log_every=int(tc.log_every), checkpoint_every=int(tc.checkpoint_every),
         keep_checkpoints=int(tc.get("keep_checkpoints", 3)), on_log=on_log, hint=f"lr {tc.lr}", report=report)
 
-    router = Router(np.asarray(state["prob"]), objective.kind, threshold=thr,
-                    source=f"train_router step {int(state['step'])}")
+    router = objective.router(state["prob"], threshold=thr, source=f"train_router step {int(state['step'])}")
     path = os.path.join(workdir, "router.safetensors")
     if distributed.is_main():
         save_router(router, path)

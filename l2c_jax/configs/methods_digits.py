@@ -1,0 +1,57 @@
+"""Every caching method on the shipped digits DiT, at DDIM 20 and 50 (scripts/compare_methods.py).
+
+  python scripts/compare_methods.py --config configs/methods_digits.py --workdir out/methods_digits
+  python scripts/compare_methods.py --config configs/methods_digits.py:quick   # one seed, 200 images
+
+Each method of `methods` runs every listed knob (`l2c_jax.methods`): FORA's
+and DeepCache's interval N, Delta-DiT's cached blocks b, SmoothCache's alpha,
+fewer_steps' share of the steps, TaylorSeer's "N/order" (or "l2c/order"),
+L2C's threshold ("-": the router's own).
+"""
+
+import ml_collections
+
+from l2c_jax.configs import common
+from l2c_jax.configs.digits_dit import ARCH
+from l2c_jax.resources import asset
+
+VARIANTS = ("", "quick")
+
+
+def get_config(arg=None):
+    arg = common.variant(arg, "full")
+    if arg not in ("full", "quick"):
+        raise common.unknown("methods_digits.py", arg, ("(none)", "quick"))
+    c = ml_collections.ConfigDict()
+    c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
+    c.routers = ml_collections.ConfigDict({str(n): asset("digits", f"router_ddim{n}.safetensors") for n in (20, 50)})
+    c.threshold = 0.5  # the shipped routers' threshold (configs/digits.py)
+    c.sampler = ml_collections.ConfigDict(dict(name="ddim", cfg_scale=1.0, guidance_channels=3))
+    c.steps = (20, 50)
+    c.methods = ml_collections.ConfigDict(dict(
+        full=("-",),
+        l2c=(0.3, "-", 0.7),
+        fora=(2, 3, 4),
+        delta_dit=(3, 6, 9),
+        deepcache=(2, 3, 5),
+        smoothcache=(0.05, 0.1, 0.2, 0.3),
+        error_ranked=("l2c", 0.5, 0.35),
+        random=(0, 1),
+        fewer_steps=(0.35, 0.5, 0.7),
+        taylorseer=("2/1", "2/2", "3/2", "4/2", "l2c/2"),
+    ))
+    c.only = ""  # e.g. "full,l2c,fora": run only these methods
+    c.bfloat16_rows = True  # full and L2C in bfloat16 as well
+    c.num_samples = 1000
+    c.seeds = (0, 1, 2)
+    c.calibration = ml_collections.ConfigDict(dict(num_samples=64, seed=1000))  # SmoothCache / error_ranked
+    c.repeats = 2  # timed runs per schedule after a warm-up (median)
+    c.strategy = "auto"
+    c.eval = ml_collections.ConfigDict(dict(features="digits"))
+    c.workdir = "out/methods_digits"
+    if arg == "quick":
+        c.num_samples = 200
+        c.seeds = (0,)
+        c.repeats = 1
+        c.workdir = "out/methods_digits_quick"
+    return c

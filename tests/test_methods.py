@@ -1,0 +1,133 @@
+"""The caching methods on one harness: each schedule computes exactly the share it reports, budgets, forecasts."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from l2c_jax.errors import ConfigError
+from l2c_jax.methods import METHODS, Context, make_schedule, unit_changes
+from l2c_jax.sampling.forecast import Forecaster
+
+STEPS = 20
+SETTINGS = dict(full=None, l2c=None, fora=3, delta_dit=6, deepcache=3, smoothcache=0.2, error_ranked="l2c",
+                random=0, fewer_steps=8, taylorseer="3/2")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from l2c_jax.model import load_model
+    from l2c_jax.pipelines import sample_noise
+    from l2c_jax.resources import asset
+    from l2c_jax.router import load_router
+    from l2c_jax.sampling import sampler_for
+
+    model = load_model(asset("digits", "dit"))
+    router = load_router(asset("digits", f"router_ddim{STEPS}.safetensors"))
+    cfg = model.config
+    noise = sample_noise(0, np.arange(6), (cfg.input_size, cfg.input_size, cfg.in_channels))
+    y = np.arange(6) % cfg.num_classes
+
+    def sampler(k, strategy="static"):
+        return sampler_for(model, "ddim", k, False, strategy, guidance_channels=None)
+
+    changes = unit_changes(sampler(STEPS), noise, y)
+    ctx = Context(num_units=model.num_units, steps=STEPS, changes=lambda: changes,
+                  router_schedule=lambda name, thr: (router.masks(0.5 if thr is None else thr), router.forecast))
+    return model, ctx, sampler, noise, y
+
+
+def _changed_units(sampler, schedule, noise, y):
+    """Which units the sampler really computed at each step: a reused unit's value is its cached one, bit for bit."""
+    seen, prev = [], {}
+
+    def on_step(s, units):
+        cur = [np.asarray(u) for u in units]
+        seen.append(np.ones(len(cur), bool) if not prev else
+                    np.array([not np.array_equal(a, b) for a, b in zip(prev["u"], cur)]))
+        prev["u"] = cur
+
+    sampler(noise, y, schedule.masks, on_step=on_step)
+    return np.stack(seen)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_schedule_computes_exactly_the_share_it_reports(digits, method):
+    model, ctx, sampler, noise, y = digits
+    sched = make_schedule(ctx, method, SETTINGS[method])
+    assert sched.method == method
+    smp = sampler(sched.steps)
+    if method == "fewer_steps":
+        assert sched.masks is None and sched.computed_share == 8 / STEPS
+    else:
+        assert sched.steps == STEPS and sched.computed_share == pytest.approx(smp.computed_share(sched.masks))
+    if sched.forecast == "copy":  # forecasts change the reused values too: nothing to count there
+        computed = _changed_units(smp, sched, noise, y)
+        assert computed.sum() == sched.computed() == round(sched.computed_share * STEPS * model.num_units)
+        if sched.masks is not None:
+            np.testing.assert_array_equal(computed, sched.masks)
+    if method not in ("full", "fewer_steps"):
+        assert 0 < sched.computed_share < 1 and sched.masks[0].all()
+
+
+def test_random_and_error_ranked_meet_the_budget_of_l2c(digits):
+    _, ctx, *_ = digits
+    l2c_reused = int((~make_schedule(ctx, "l2c").masks).sum())
+    assert l2c_reused == ctx.l2c_budget() > 0
+    for method, setting in (("random", 0), ("random", 1), ("error_ranked", "l2c")):
+        sched = make_schedule(ctx, method, setting)
+        assert int((~sched.masks).sum()) == l2c_reused
+    ranked = make_schedule(ctx, "error_ranked", "l2c").masks
+    changes = ctx.changes()
+    assert changes[~ranked].max() <= changes[1:][ranked[1:]].min()  # the least-changing pairs are reused
+    assert make_schedule(ctx, "error_ranked", 0.5).computed_share == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ConfigError, match="unknown caching method"):
+        make_schedule(ctx, "fastcache", 1)
+
+
+def test_taylor_forecast_extrapolates_a_linear_trajectory_exactly():
+    value = lambda s: (jnp.full((2, 3), 1.0) + 0.5 * s, jnp.full((2, 3), -2.0) * s)  # noqa: E731
+    for order in (1, 2):
+        f = Forecaster(f"taylor{order}", 2)
+        for s in (0, 2, 4):  # computed every other step; unit 1 only at 0 and 4
+            mask = (True, s != 2)
+            f.update(s, mask, value(s) if s != 2 else (value(s)[0], value(0)[1]))
+        pred = f.inputs(7, (False, False), value(0))
+        np.testing.assert_allclose(np.asarray(pred[0]), np.asarray(value(7)[0]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(pred[1]), np.asarray(value(7)[1]), rtol=1e-6)
+    with pytest.raises(ConfigError, match="unknown forecast"):
+        Forecaster("taylor3", 2)
+
+
+def test_forecasting_runs_the_same_under_both_strategies_and_beats_copying(digits):
+    _, ctx, sampler, noise, y = digits
+    sched = make_schedule(ctx, "taylorseer", "2/2")
+    full = np.asarray(sampler(STEPS)(noise, y))
+    static = np.asarray(sampler(STEPS)(noise, y, sched.masks, forecast=sched.forecast))
+    again = np.asarray(sampler(STEPS)(noise, y, sched.masks, forecast=sched.forecast))
+    cond = np.asarray(sampler(STEPS, "cond")(noise, y, sched.masks, forecast=sched.forecast))
+    copied = np.asarray(sampler(STEPS)(noise, y, sched.masks))
+    np.testing.assert_array_equal(static, again)
+    np.testing.assert_allclose(cond, static, atol=1e-5)
+    assert np.abs(static - full).mean() < 0.5 * np.abs(copied - full).mean()
+
+
+def test_compare_methods_writes_the_table_and_the_picture(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/compare_methods.py", "--config", "configs/methods_digits.py:quick",
+                        "--config.steps=(20,)", "--config.num_samples=40", "--config.seeds=(0,1)",
+                        "--config.bfloat16_rows=False", "--config.calibration.num_samples=8",
+                        "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.load(open(tmp_path / "methods.json"))["rows"]
+    methods = {row["method"] for row in rows}
+    assert methods == set(METHODS)
+    for row in rows:
+        assert 0 < row["computed_share"] <= 1 and row["fid_mean"] > 0 and len(row["fid_seeds"]) == 2
+        assert row["flop_bound"] >= 1 and row["speedup"] > 0
+    full = next(row for row in rows if row["method"] == "full")
+    assert full["computed_share"] == 1 and full["psnr_to_full"] == float("inf")
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
