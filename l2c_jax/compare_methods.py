@@ -36,6 +36,10 @@ import numpy as np
 from l2c_jax.errors import ConfigError
 
 
+class MissingRouter(ConfigError):
+    """config.routers names no router for a step count (and setting)."""
+
+
 def _settings(config) -> list:
     """[(method, setting)] in the config's order (the settings of a method: a tuple, or one value)."""
     from l2c_jax.methods import METHODS
@@ -113,10 +117,10 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
     rows = []
     for steps in [int(s) for s in config.steps]:
         def router_schedule(name, thr, steps=steps, loaded={}):
-            # config.routers: "<steps>" is the step count's router, "<steps>_<name>" another (e.g. "50_k3").
-            key = f"{steps}_{name}" if name else str(steps)
+            # config.routers: ddim<steps> is the step count's router, ddim<steps>_<name> another (ddim50_k3).
+            key = f"ddim{steps}_{name}" if name else f"ddim{steps}"
             if not config.routers.get(key):
-                raise ConfigError(f"config.routers has no router {key!r}")
+                raise MissingRouter(f"config.routers has no router {key!r}")
             if key not in loaded:
                 loaded[key] = load_router(config.routers.get(key), kind="dit-ddim")
             router = loaded[key]
@@ -148,7 +152,12 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
         for name, setting in _settings(config):
             if name == "fewer_steps":
                 setting = _fewer(setting, steps)
-            todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32"))
+            try:
+                todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32"))
+            except MissingRouter as e:  # a router named for some step counts only (e.g. a longer period at 50)
+                if name != "l2c" or not str(setting).strip("-"):
+                    raise
+                report(f"  {name} {setting}: skipped at DDIM {steps} ({e})")
         for dtype in [d for d in models if d != "float32"]:
             todo += [(make_schedule(ctx, "full"), dtype), (make_schedule(ctx, "l2c"), dtype)]
         report(f"DDIM {steps}: {len(todo)} schedules x {len(seeds)} seeds x {n} images "

@@ -16,6 +16,7 @@ from l2c_jax.configs.digits_dit import ARCH
 from l2c_jax.resources import asset
 
 VARIANTS = ("", "quick")
+PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2")
 
 
 def get_config(arg=None):
@@ -24,13 +25,19 @@ def get_config(arg=None):
         raise common.unknown("methods_digits.py", arg, ("(none)", "quick"))
     c = ml_collections.ConfigDict()
     c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
-    c.routers = ml_collections.ConfigDict({str(n): asset("digits", f"router_ddim{n}.safetensors") for n in (20, 50)})
+    # ddimN: the router of N steps ("l2c" rows); ddimN_NAME: another one, the l2c setting NAME (rows only at N
+    # steps). The shipped longer-period routers (configs/router_digits.py:50_kK_taylorO, 1,000 steps; "l1x5":
+    # --config.train.l1=5e-5).
+    c.routers = ml_collections.ConfigDict({f"ddim{n}": asset("digits", f"router_ddim{n}.safetensors")
+                                           for n in (20, 50)})
+    for name in PERIOD_ROUTERS:
+        c.routers[f"ddim50_{name}"] = asset("digits", f"router_ddim50_{name}.safetensors")
     c.threshold = 0.5  # the shipped routers' threshold (configs/digits.py)
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", cfg_scale=1.0, guidance_channels=3))
     c.steps = (20, 50)
     c.methods = ml_collections.ConfigDict(dict(
         full=("-",),
-        l2c=(0.3, "-", 0.7),
+        l2c=("0.3", "-", "0.7") + PERIOD_ROUTERS,
         fora=(2, 3, 4),
         delta_dit=(3, 6, 9),
         deepcache=(2, 3, 5),

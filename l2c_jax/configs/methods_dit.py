@@ -25,7 +25,7 @@ def get_config(arg=None):
     c = digits_config()
     c.model = common.model("dit", checkpoint="ckpt/dit_xl2_256", name="DiT-XL/2", arch_fields=dict(input_size=32))
     c.vae = ml_collections.ConfigDict(dict(checkpoint="ckpt/sd-vae-ft-ema", scale=0.18215, decode_chunk=16))
-    c.routers = ml_collections.ConfigDict({"20": "ckpt/DDIM20_router.pt", "50": "ckpt/DDIM50_router.pt"})
+    c.routers = ml_collections.ConfigDict({"ddim20": "ckpt/DDIM20_router.pt", "ddim50": "ckpt/DDIM50_router.pt"})
     c.threshold = 0.1  # the released routers' threshold
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", cfg_scale=1.5, guidance_channels=3))
     c.num_samples = 8
