@@ -63,25 +63,13 @@ def _fewer(setting, steps: int):
     return str(max(1, int(round(v * steps)))) if v < 1 else str(int(v))
 
 
-def _median_time(fn, repeats: int):
-    out = fn()
-    jax.block_until_ready(out)  # compiles
-    ts = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(out)
-        ts.append(time.perf_counter() - t0)
-    return out, float(np.median(ts))
-
-
 def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
     from l2c_jax import distributed
     from l2c_jax.bench.flops import flop_bound
     from l2c_jax.eval.fid import psnr
     from l2c_jax.methods import Context, make_schedule, unit_changes
     from l2c_jax.model import model_from_config
-    from l2c_jax.pipelines import sample_noise
+    from l2c_jax.pipelines import sample_noise, timed
     from l2c_jax.router import load_router
     from l2c_jax.sampling import is_guided, router_masks, sampler_for
 
@@ -145,7 +133,7 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
 
         full_sched = make_schedule(ctx, "full")
         full_imgs = {}
-        _, t_full = _median_time(lambda: run(full_sched, seeds[0]), reps)
+        _, t_full, _ = timed(lambda: run(full_sched, seeds[0]), reps)
         for s in seeds:
             full_imgs[s] = images(run(full_sched, s))
         todo = []
@@ -163,7 +151,7 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
         report(f"DDIM {steps}: {len(todo)} schedules x {len(seeds)} seeds x {n} images "
                f"(full: {t_full:.3f} s per batch)")
         for sched, dtype in todo:
-            first, t = _median_time(lambda: run(sched, seeds[0], dtype), reps)
+            first, t, _ = timed(lambda: run(sched, seeds[0], dtype), reps)
             fids, psnrs = [], []
             for s in seeds:
                 imgs = images(first if s == seeds[0] else run(sched, s, dtype))

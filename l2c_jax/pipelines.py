@@ -264,7 +264,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     return result
 
 
-def _timed(fn, repeats: int):
+def timed(fn, repeats: int):
     """Median and spread of `repeats` runs after one warm-up (compilation) run; returns (result, median, std)."""
     out = fn()
     jax.block_until_ready(out)
@@ -304,13 +304,13 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
     noise = jax.random.normal(jax.random.key(config.seed), (n, cfg.input_size, cfg.input_size, cfg.in_channels))
     reps = int(config.get("repeats", 3))
 
-    x_full, t_full, s_full = _timed(lambda: full(noise, y), reps)
-    x_l2c, t_l2c, s_l2c = _timed(lambda: full(noise, y, masks), reps)
+    x_full, t_full, s_full = timed(lambda: full(noise, y), reps)
+    x_l2c, t_l2c, s_l2c = timed(lambda: full(noise, y, masks), reps)
     # The honest baseline: plain DDIM given the time L2C takes (or config.compare_steps steps).
     k = int(config.get("compare_steps", 0) or 0) or max(2, int(round(steps * t_l2c / t_full)))
     fewer = functools.partial(sampler_for(model, sc.get("name", "ddim"), k, guided, "static", guidance_channels=gc),
                               cfg_scale=scale)
-    x_few, t_few, s_few = _timed(lambda: fewer(noise, y), reps)
+    x_few, t_few, s_few = timed(lambda: fewer(noise, y), reps)
 
     feats = None
     if config.eval.get("features") == "digits":
