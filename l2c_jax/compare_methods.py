@@ -104,7 +104,9 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
 
     rows = []
     for steps in [int(s) for s in config.steps]:
-        def router_schedule(name, thr, steps=steps, loaded={}):
+        loaded = {}  # routers read so far, by config key
+
+        def router_schedule(name, thr, steps=steps, loaded=loaded):
             # config.routers: ddim<steps> is the step count's router, ddim<steps>_<name> another (ddim50_k3).
             key = f"ddim{steps}_{name}" if name else f"ddim{steps}"
             if not config.routers.get(key):

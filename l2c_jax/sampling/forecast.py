@@ -36,6 +36,11 @@ def check_forecast(forecast: Optional[str]) -> str:
     return forecast
 
 
+def forecast_order(forecast: Optional[str]) -> int:
+    """The Taylor order of a forecast: 0 (copy), 1 or 2."""
+    return FORECASTS.index(check_forecast(forecast))
+
+
 @functools.partial(jax.jit, static_argnums=(3,))
 def _predict(terms, offsets, known, units):
     # terms: per unit (v, d1, d2); offsets (U,) steps since v; known (U, 2): d1 / d2 estimated.
@@ -62,7 +67,7 @@ class Forecaster:
     """The per-unit history of one sampling run and the values it hands the model at each step."""
 
     def __init__(self, forecast: str, num_units: int):
-        self.order = {"copy": 0, "taylor1": 1, "taylor2": 2}[check_forecast(forecast)]
+        self.order = forecast_order(forecast)
         self.num_units = num_units
         self.terms = None
         self.last = np.full((num_units,), -1, np.int64)  # the step each unit was last computed at

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.sampling.forecast import forecast_order
 
 
 def router_weights(prob_row, ste_threshold: Optional[float] = None):
@@ -65,7 +66,7 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     b = x0.shape[0]
     steps = diffusion.num_timesteps
     tmap = jnp.asarray(diffusion.timestep_map, jnp.int32)
-    order = {"copy": 0, "taylor1": 1, "taylor2": 2}[forecast]
+    order = forecast_order(forecast)
     sg = jax.lax.stop_gradient
 
     def t_of(i):
@@ -87,16 +88,18 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
         history.append(sg(c))
         known.append(ok)
 
+    # Per unit, v + d1 j + d2 j^2 / 2 with backward differences over `period` steps (terms not estimable: 0).
+    d1 = d2 = None
+    if order >= 1:
+        d1 = [known[0] * (v0 - v1) / period for v0, v1 in zip(history[0], history[1])]
+    if order == 2:
+        d2 = [(known[0] & known[1]) * ((v0 - v1) - (v1 - v2)) / (period * period)
+              for v0, v1, v2 in zip(*history)]
+
     def forecast_at(j):
-        # v + d1 j + d2 j^2 / 2 with backward differences over `period` steps, per unit.
-        if order == 0:
-            return None
-        d1 = [(v0 - v1) / period for v0, v1 in zip(history[0], history[1])]
-        out = [v + known[0] * j * d for v, d in zip(history[0], d1)]
-        if order == 2:
-            d1_prev = [(v1 - v2) / period for v1, v2 in zip(history[1], history[2])]
-            out = [o + (known[0] & known[1]) * (j * j / 2) * (a - p) / period
-                   for o, a, p in zip(out, d1, d1_prev)]
+        out = [v + j * a for v, a in zip(history[0], d1)]
+        if d2 is not None:
+            out = [o + (j * j / 2) * b for o, b in zip(out, d2)]
         return tuple(out)
 
     data, l1s, mses, count = 0.0, 0.0, 0.0, 0.0
