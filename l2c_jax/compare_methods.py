@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from typing import Optional
 
@@ -70,6 +71,7 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
     from l2c_jax.methods import Context, make_schedule, unit_changes
     from l2c_jax.model import model_from_config
     from l2c_jax.pipelines import sample_noise, timed
+    from l2c_jax.retarget import retarget
     from l2c_jax.router import load_router
     from l2c_jax.sampling import is_guided, router_masks, sampler_for
 
@@ -113,6 +115,8 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
                 raise MissingRouter(f"config.routers has no router {key!r}")
             if key not in loaded:
                 loaded[key] = load_router(config.routers.get(key), kind="dit-ddim")
+                if re.search(r"_from\d+$", key):  # ddim20_from50: a router of another step count, retargeted
+                    loaded[key] = retarget(loaded[key], steps)
             router = loaded[key]
             thr = config.get("threshold") if thr is None else thr
             return router_masks(model, router, thr, steps), router.forecast

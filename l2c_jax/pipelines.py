@@ -22,32 +22,10 @@ import numpy as np
 
 from l2c_jax import images as imio
 from l2c_jax.errors import ConfigError
+from l2c_jax.retarget import retarget
+from l2c_jax.sampling.draws import draw_labels, sample_noise, sample_step_keys
 
 log = logging.getLogger(__name__)
-
-
-# Independent random streams of a sampling job, each drawn per image from (seed, image index).
-_NOISE, _LABEL, _STEP = range(3)
-
-
-def _stream(seed: int, which: int):
-    return jax.random.fold_in(jax.random.key(int(seed)), which)
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _normal_per_index(key, shape, indices):
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
-
-
-def sample_noise(seed: int, indices, shape) -> jax.Array:
-    """The starting noise of images `indices`: image i's depends only on (seed, i), not on batches or devices."""
-    return _normal_per_index(_stream(seed, _NOISE), tuple(shape), jnp.asarray(indices, jnp.int32))
-
-
-def sample_step_keys(seed: int, indices) -> jax.Array:
-    """Per-image PRNG keys for samplers that draw noise at every step (DDPM, DDIM with eta > 0)."""
-    key = _stream(seed, _STEP)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.int32))
 
 
 def sample_labels(config, num_classes: int) -> np.ndarray:
@@ -60,9 +38,7 @@ def sample_labels(config, num_classes: int) -> np.ndarray:
         n = int(config.get("num_samples") or 0)
         if n <= 0:
             raise ConfigError("set labels or num_samples")
-        key = _stream(config.seed, _LABEL)
-        y = np.asarray(jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes))(
-            jnp.arange(n, dtype=jnp.int32)), np.int64)
+        y = draw_labels(config.seed, np.arange(n), num_classes)
     if y.min() < 0 or y.max() >= num_classes:
         raise ConfigError(f"labels must lie in [0, {num_classes - 1}], got {y.min()}..{y.max()}")
     return y
@@ -102,6 +78,8 @@ def _make_sampler(model, router, config):
     sampler = sampler_for(model, sc.get("name", cls.solvers[0]), int(sc.steps),
                           is_guided(model.family, sc.get("cfg_scale")), config.get("strategy", "static"),
                           cache_dtype=config.get("cache_dtype") or None, **cls.options_from_config(sc))
+    if router is not None and config.router.get("retarget") and router.steps != sampler.rows:
+        router = retarget(router, sampler.rows, sc.get("skip_type", "time_uniform"))  # interpolated rows
     masks = sampler.check_router_masks(router_masks(model, router, thr, sampler.rows) if router else None)
     what, of_what = sampler.describe()
     # A router trained with forecasts samples with them (only DiT routers have any).

@@ -2,7 +2,8 @@
 
 (a) sampling gives the images of a one-process run, index for index;
 (b) router training gives the router of a one-process run with the same global batch;
-(c) a sampling job killed mid-way and rerun gives the same final npz.
+(c) a sampling job killed mid-way and rerun gives the same final npz;
+(d) image-free router training records its trajectories over both processes and trains as one.
 """
 
 import os
@@ -51,17 +52,23 @@ def test_sampling_over_two_processes_gives_the_one_process_images(one_process, t
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_router_training_over_two_processes_gives_the_one_process_router(tmp_path):
-    from l2c_jax.router import load_router
-
-    args = ["--config", "configs/router_digits.py:20", "--config.train.steps=4", "--config.train.batch_size=16",
-            "--config.train.log_every=2", "--config.train.checkpoint_every=2"]
-    # The same global batch of 16 over four devices: one process holding all four, or two holding two each.
+def _train_on_one_and_two_processes(args, tmp_path):
+    """train_router into tmp_path/one (one process, four devices) and tmp_path/two (two processes of two):
+    the same global batch either way. Returns the two processes' outputs."""
     with job("train_router", args + ["--workdir", str(tmp_path / "one")], processes=1, devices=4,
              logdir=tmp_path) as j:
         j.check(300)
     with job("train_router", args + ["--workdir", str(tmp_path / "two")], logdir=tmp_path) as j:
         j.check(300)
+        return j.output(0), j.output(1)
+
+
+def test_router_training_over_two_processes_gives_the_one_process_router(tmp_path):
+    from l2c_jax.router import load_router
+
+    args = ["--config", "configs/router_digits.py:20", "--config.train.steps=4", "--config.train.batch_size=16",
+            "--config.train.log_every=2", "--config.train.checkpoint_every=2"]
+    _train_on_one_and_two_processes(args, tmp_path)
     one = load_router(str(tmp_path / "one" / "router.safetensors")).prob
     two = load_router(str(tmp_path / "two" / "router.safetensors")).prob
     assert np.abs(two - one).max() < 1e-5  # the cross-process reduction sums in another order: ~1e-6
@@ -70,6 +77,23 @@ def test_router_training_over_two_processes_gives_the_one_process_router(tmp_pat
     start = np.asarray(jax.random.normal(jax.random.key(1), one.shape))
     assert np.abs(one - start).max() > 1e-2
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
+
+
+def test_image_free_training_over_two_processes_records_and_trains_as_one(tmp_path):
+    """Each process records every other batch of trajectories into the shared files, then trains on them."""
+    from l2c_jax.router import load_router
+
+    args = ["--config", "configs/router_digits.py:20_imagefree", "--config.data.num_trajectories=48",
+            "--config.data.trajectory_batch_size=16", "--config.train.steps=4", "--config.train.batch_size=16",
+            "--config.train.log_every=2", "--config.train.checkpoint_every=4"]
+    two = _train_on_one_and_two_processes(args, tmp_path)
+    assert "recorded 48 trajectories" in two[0] and "recorded" not in two[1]
+    states = [np.load(str(tmp_path / w / "trajectories" / "states.npy")) for w in ("one", "two")]
+    assert states[0].shape == (48, 20, 8, 8, 1)
+    np.testing.assert_allclose(states[1], states[0], rtol=0, atol=1e-5)  # per-device batches 4 vs 8: rounding
+    one = load_router(str(tmp_path / "one" / "router.safetensors")).prob
+    two = load_router(str(tmp_path / "two" / "router.safetensors")).prob
+    assert np.abs(two - one).max() < 1e-4
 
 
 def test_killed_sampling_job_resumes_to_the_same_npz(one_process, tmp_path):

@@ -4,11 +4,15 @@
       --threshold 0.1 --summary
   python convert/router.py --checkpoint dpm50_router.pth --threshold 0.9 --summary     # inspect only
   python convert/router.py --export-torch ckpt/ddim20_router.safetensors --out DDIM20_router.pt
+  python convert/router.py --checkpoint DDIM50_router.pt --steps 20 --out ckpt/ddim20_from50.safetensors
 
 Kinds: dit-ddim (DiT + DDIM, released DDIM*_router.pt) and uvit-dpm2 (U-ViT +
 DPM-Solver-2, released dpm*_router.pth); detected from the file when omitted.
 --summary prints `cache steps compute C/T sub-layers (P% removed)` at the
 threshold (--threshold, or the one stored in a project file).
+--steps M retargets the router to M steps (DDIM steps, or U-ViT NFE): each
+sub-layer's logit interpolated over the diffusion time of the steps
+(`l2c_jax.retarget`), no training and no data.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main(argv):
     p.add_argument("--out", help="output: .safetensors file or directory (--checkpoint), .pt/.pth (--export-torch)")
     p.add_argument("--threshold", type=float, help="default threshold stored with the router; used by --summary")
     p.add_argument("--summary", action="store_true", help="print the compute count of the cache steps")
+    p.add_argument("--steps", type=int, help="retarget to this many steps (DDIM steps / U-ViT NFE) by interpolation")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -36,6 +41,8 @@ def main(argv):
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold {args.threshold}: must lie in [0, 1] (it is compared with sigmoid(prob))")
     if args.export_torch:
+        if args.steps is not None:
+            raise ConfigError("--steps retargets a router into the project format: use it with --checkpoint")
         if not args.out:
             raise ConfigError("--export-torch needs --out FILE.pt")
         router = export_router(args.export_torch, args.out, kind=args.kind)
@@ -44,7 +51,8 @@ def main(argv):
     else:
         if not args.out and not args.summary:
             raise ConfigError("nothing to do: pass --out FILE and/or --summary")
-        router = convert_router(args.checkpoint, args.out, kind=args.kind, threshold=args.threshold)
+        router = convert_router(args.checkpoint, args.out, kind=args.kind, threshold=args.threshold,
+                                steps=args.steps)
     if args.out:
         print(f"wrote {args.out}: {router.describe()}")
     if args.summary:

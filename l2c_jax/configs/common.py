@@ -61,3 +61,23 @@ def variant(arg, default: str) -> str:
 def unknown(config: str, arg: str, forms) -> ValueError:
     """The error of an unknown variant: one line naming the known forms."""
     return ValueError(f"configs/{config}: unknown variant {arg!r}; known: {'; '.join(forms)}")
+
+
+IMAGE_FREE = "_imagefree"
+
+
+def split_image_free(arg: str) -> tuple[str, bool]:
+    """("xl2_256_ddim20", True) from "xl2_256_ddim20_imagefree": the router-config suffix for image-free training."""
+    return (arg[:-len(IMAGE_FREE)], True) if arg.endswith(IMAGE_FREE) else (arg, False)
+
+
+def image_free(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A router-training config trained on the model's own trajectories instead of a dataset: no image or latent
+    source and no autoencoder (the states are latents already), the trajectories recorded into
+    WORKDIR/trajectories (`l2c_jax.training.trajectories`)."""
+    for key in ("image_folder", "tfds_name", "latents"):
+        c.data[key] = ""
+    if "vae" in c:
+        c.vae.checkpoint = ""
+    c.data.trajectories = "workdir"
+    return c

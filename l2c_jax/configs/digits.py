@@ -32,7 +32,8 @@ def get_config(arg=None):
     c.seed = 0
     c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
     c.vae = ml_collections.ConfigDict(dict(checkpoint=""))
-    c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="dit-ddim", threshold=0.5))
+    c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="dit-ddim", threshold=0.5,
+                                             retarget=False))  # True: a router of another step count, interpolated
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=steps, cfg_scale=1.0, eta=0.0))  # no guidance: best FID on this model
     # One pixel channel: guide all of eps (the original's 3 of 4 is a latent-space habit).
     c.sampler.guidance_channels = ml_collections.FieldReference(None, field_type=int)

@@ -58,7 +58,8 @@ def base(image_size=256, steps=20, l2c=False, model="DiT-XL/2"):
         released = RELEASED_ROUTERS.get((image_size, steps)) if model == "DiT-XL/2" else None
         router = released or f"ckpt/router_dit_{tag}_{image_size}_ddim{steps}"
     c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="dit-ddim",
-                                              threshold=THRESHOLDS.get((image_size, steps), 0.1)))
+                                              threshold=THRESHOLDS.get((image_size, steps), 0.1),
+                                              retarget=False))  # True: a router of another step count, interpolated
     # The original sample.py's labels; set num_samples (and labels=()) for random labels, e.g. 50k for FID.
     c.labels = (207, 992, 387, 974, 142, 979, 417, 279)
     c.num_samples = 0

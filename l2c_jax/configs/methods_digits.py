@@ -6,7 +6,8 @@
 Each method of `methods` runs every listed knob (`l2c_jax.methods`): FORA's
 and DeepCache's interval N, Delta-DiT's cached blocks b, SmoothCache's alpha,
 fewer_steps' share of the steps, TaylorSeer's "N/order" (or "l2c/order"),
-L2C's threshold ("-": the router's own).
+L2C's threshold ("-": the router's own) or another router of the step count
+(`config.routers` ddimN_NAME: longer periods, image-free, retargeted).
 """
 
 import ml_collections
@@ -17,6 +18,7 @@ from l2c_jax.resources import asset
 
 VARIANTS = ("", "quick")
 PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2")
+IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 
 def get_config(arg=None):
@@ -32,12 +34,19 @@ def get_config(arg=None):
                                            for n in (20, 50)})
     for name in PERIOD_ROUTERS:
         c.routers[f"ddim50_{name}"] = asset("digits", f"router_ddim50_{name}.safetensors")
+    # Image-free routers (configs/router_digits.py:N_imagefree: no images, the model's own trajectories), three
+    # training seeds each; and each step count's router retargeted to the other (ddimM_fromN, l2c_jax.retarget).
+    for n, other in ((20, 50), (50, 20)):
+        for name in IMAGE_FREE_ROUTERS:
+            c.routers[f"ddim{n}_{name}"] = asset("digits", f"router_ddim{n}_{name}.safetensors")
+        c.routers[f"ddim{n}_from{other}"] = asset("digits", f"router_ddim{other}.safetensors")
     c.threshold = 0.5  # the shipped routers' threshold (configs/digits.py)
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", cfg_scale=1.0, guidance_channels=3))
     c.steps = (20, 50)
     c.methods = ml_collections.ConfigDict(dict(
         full=("-",),
-        l2c=("0.3", "-", "0.7") + PERIOD_ROUTERS,
+        # from50@0.2 / from20@0.7: the retargeted routers at the threshold that matches the trained one's share.
+        l2c=("0.3", "-", "0.7") + PERIOD_ROUTERS + IMAGE_FREE_ROUTERS + ("from50", "from50@0.2", "from20", "from20@0.7"),
         fora=(2, 3, 4),
         delta_dit=(3, 6, 9),
         deepcache=(2, 3, 5),

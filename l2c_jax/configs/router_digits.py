@@ -8,6 +8,11 @@ routers, assets/digits/router_ddim{20,50}.safetensors), optionally with a
 cache period K > 2 and a forecast (`N_kK[_taylor1|_taylor2]`, e.g. `50_k3`,
 `50_k4_taylor1`: a full step, then K-1 cache steps, each with its own row,
 reused units forecast instead of copied). Without one: 20.
+
+`_imagefree` after any variant (`20_imagefree`, `50_k3_taylor2_imagefree`)
+trains without the digits images, on 2,048 trajectories of the model's own
+full DDIM sampler recorded into WORKDIR/trajectories first
+(`l2c_jax.training.trajectories`); the shipped router_ddim{20,50}_imagefree.
 """
 
 import re
@@ -20,13 +25,14 @@ from l2c_jax.configs.digits_dit import ARCH
 from l2c_jax.resources import asset
 from l2c_jax.training.data import data_config
 
-VARIANTS = ("20", "50", "50_k3", "50_k4_taylor1")
+VARIANTS = ("20", "50", "50_k3", "50_k4_taylor1", "20_imagefree", "50_imagefree")
 FORMS = ("N, an even DDIM step count (20 and 50 are the shipped routers)",
-         "N_kK[_taylor1|_taylor2], a cache period K >= 2 (N any step count) and a forecast")
+         "N_kK[_taylor1|_taylor2], a cache period K >= 2 (N any step count) and a forecast",
+         "any of them + _imagefree: trained on the model's own trajectories, no images")
 
 
 def get_config(arg=None):
-    arg = common.variant(arg, "20")
+    arg, imagefree = common.split_image_free(common.variant(arg, "20"))
     m = re.fullmatch(r"(\d+)(?:_k(\d+))?(?:_(taylor1|taylor2))?", arg)
     period = int(m[2]) if m and m[2] else 2
     if not m or int(m[1]) < 2 or period < 2 or period > int(m[1]) or (period == 2 and int(m[1]) % 2):
@@ -44,4 +50,4 @@ def get_config(arg=None):
         batch_size=64, steps=1_500, lr=1e-2, l1={20: 5e-5, 50: 1e-5}.get(steps, 5e-5), label_dropout=0.1,
         ste_threshold=None, log_every=250, checkpoint_every=1_000, keep_checkpoints=3,
     ))
-    return c
+    return common.image_free(c) if imagefree else c

@@ -13,6 +13,12 @@
   at a converted fixture with `--config.model.checkpoint=DIR
   --config.model.random_init=False`).
 
+- `_imagefree` after any of them (`xl2_256_ddim20_imagefree`, `smoke_imagefree`):
+  no images, no VAE pass: the router trains on the model's own full DDIM
+  trajectories, recorded into WORKDIR/trajectories first (data.num_trajectories,
+  2,048 by default; data.trajectory_cfg_scale for guided ones); `smoke_imagefree`
+  needs nothing at all.
+
 Without a variant: xl2_256_ddim20.
 """
 
@@ -33,7 +39,8 @@ TABLE = {
     ("l2", 256, 20): (5e-6, 1e-2, 0.1),
 }
 VARIANTS = tuple(f"{t}_{s}_ddim{n}" for t, s, n in TABLE) + ("smoke",)
-FORMS = VARIANTS
+VARIANTS += tuple(v + common.IMAGE_FREE for v in VARIANTS)
+FORMS = VARIANTS[:len(VARIANTS) // 2] + ("any of them + _imagefree (no images: the model's own trajectories)",)
 _NAMES = {"xl2": "DiT-XL/2", "l2": "DiT-L/2"}
 
 
@@ -68,11 +75,18 @@ def smoke():
     c.train.lr = 1e-2
     c.train.log_every = 5
     c.train.checkpoint_every = 10
+    c.data.num_trajectories = 16  # smoke_imagefree: a few trajectories, recorded in seconds
+    c.data.trajectory_batch_size = 8
     return c
 
 
 def get_config(arg=None):
-    arg = common.variant(arg, "xl2_256_ddim20")
+    arg, imagefree = common.split_image_free(common.variant(arg, "xl2_256_ddim20"))
+    c = _variant(arg)
+    return common.image_free(c) if imagefree else c
+
+
+def _variant(arg):
     if arg == "smoke":
         return smoke()
     m = re.fullmatch(r"(xl2|l2)_(256|512)_ddim([1-9][0-9]*)", arg)

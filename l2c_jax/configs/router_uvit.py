@@ -16,6 +16,10 @@
 - `smoke`: a tiny random pixel-space U-ViT (16x16 RGB, 3 blocks), no VAE,
   NFE 10, 20 steps at batch 4: the U-ViT training loop on a CPU.
 
+- `_imagefree` after any of them (`h2_256_dpm20_imagefree`, `smoke_imagefree`):
+  no images: the router trains on the model's own DPM-Solver-2 trajectories
+  (one state per solver step), recorded into WORKDIR/trajectories first.
+
 Without a variant: h2_256_dpm20.
 """
 
@@ -32,7 +36,8 @@ TABLE = {
     ("h2", 256, 50): (0.1, 1e-3, 0.9),
 }
 VARIANTS = tuple(f"{t}_{s}_dpm{n}" for t, s, n in TABLE) + ("smoke",)
-FORMS = VARIANTS
+VARIANTS += tuple(v + common.IMAGE_FREE for v in VARIANTS)
+FORMS = VARIANTS[:len(VARIANTS) // 2] + ("any of them + _imagefree (no images: the model's own trajectories)",)
 _NAMES = {"h2": "U-ViT-H/2"}
 
 
@@ -68,11 +73,18 @@ def smoke():
     c.train.lr = 1e-2
     c.train.log_every = 5
     c.train.checkpoint_every = 10
+    c.data.num_trajectories = 16  # smoke_imagefree: a few trajectories, recorded in seconds
+    c.data.trajectory_batch_size = 8
     return c
 
 
 def get_config(arg=None):
-    arg = common.variant(arg, "h2_256_dpm20")
+    arg, imagefree = common.split_image_free(common.variant(arg, "h2_256_dpm20"))
+    c = _variant(arg)
+    return common.image_free(c) if imagefree else c
+
+
+def _variant(arg):
     if arg == "smoke":
         return smoke()
     m = re.fullmatch(r"(h2)_(256)_dpm([1-9][0-9]*)", arg)

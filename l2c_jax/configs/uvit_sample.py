@@ -51,7 +51,8 @@ def base(image_size=256, nfe=20, l2c=False, model="U-ViT-H/2"):
     if l2c:  # the released router where there is one, else where train_router.py's README command writes
         released = RELEASED_ROUTERS.get((image_size, nfe)) if model == "U-ViT-H/2" else None
         router = released or f"ckpt/router_uvit_{tag}_{image_size}_dpm{nfe}"
-    c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="uvit-dpm2", threshold=THRESHOLD))
+    c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="uvit-dpm2", threshold=THRESHOLD,
+                                             retarget=False))  # True: a router of another step count, interpolated
     # The original sample_ldm_discrete.py's labels; set num_samples (and labels=()) for random labels.
     c.labels = (207, 992, 387, 974, 142, 979, 417, 279)
     c.num_samples = 0

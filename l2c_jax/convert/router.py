@@ -9,21 +9,25 @@ import os
 from typing import Optional
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.retarget import retarget
 from l2c_jax.router import Router, export_torch, load_router, save_router
 from l2c_jax.torch_io import TORCH_SUFFIXES
 
 
 def convert_router(src: str, out: Optional[str], kind: Optional[str] = None,
-                   threshold: Optional[float] = None) -> Router:
+                   threshold: Optional[float] = None, steps: Optional[int] = None) -> Router:
     """Reads any router file; writes the project format to `out` when given.
 
     `threshold` is stored as the router's default threshold, so that later
-    `router.masks()` / `summary()` calls need none.
+    `router.masks()` / `summary()` calls need none. `steps`: retargeted to that
+    many steps first (`l2c_jax.retarget`).
     """
     if out is not None and os.fspath(out).endswith(TORCH_SUFFIXES):
         raise ConfigError(f"--out {out}: the project format is a .safetensors file or a directory; "
                           "use --export-torch to write a PyTorch file")
     router = load_router(src, kind=kind, threshold=threshold)
+    if steps is not None:
+        router = retarget(router, steps)
     if out is not None:
         save_router(router, out)
     return router

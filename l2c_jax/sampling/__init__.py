@@ -43,7 +43,8 @@ def router_masks(model, router, threshold, steps: int):
     if router.num_units != model.num_units:
         raise ConfigError(f"router has {router.num_units} columns, the model has {model.num_units} sub-layers")
     if router.steps != steps:
-        raise ConfigError(f"router was trained for {router.steps} steps, sampling uses {steps}")
+        raise ConfigError(f"router was trained for {router.steps} steps, sampling uses {steps} (retarget it: "
+                          f"--config.router.retarget=True, or convert/router.py --steps {steps})")
     if threshold is None:
         threshold = router.threshold
     if threshold is None:

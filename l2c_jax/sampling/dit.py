@@ -162,7 +162,7 @@ class DiTSampler(Sampler):
         return computed_share(masks, self.steps, self.model.num_units)
 
     def __call__(self, noise, y, masks=None, key=None, progress: bool = False, cfg_scale="default",
-                 max_steps: int = 0, forecast: str = "copy", on_step=None):
+                 max_steps: int = 0, forecast: str = "copy", on_step=None, on_state=None):
         """noise (B,H,W,C) float32, y (B,) int labels -> latents (B,H,W,C).
 
         key: the PRNG key of DDPM / eta > 0 noise: one key for the batch, or one
@@ -177,6 +177,9 @@ class DiTSampler(Sampler):
         on_step: called as on_step(step, units) after every step with the tuple of
         the units' values the step left (computed or reused).
         The next step takes those buffers over: copy what you keep.
+        on_state: called as on_state(step, x) before every step with the state the
+        step starts from ((B,H,W,C), the conditional half under guidance); the
+        step takes x over too, so copy what you keep (np.asarray does).
         """
         scale = call_scale(self.cfg_scale, cfg_scale, off_value=1.0)
         noise = jnp.asarray(noise, jnp.float32)
@@ -222,6 +225,8 @@ class DiTSampler(Sampler):
                 step_noise = _per_sample_normal(key, jnp.int32(s), x.shape[1:])
                 if self.cfg_scale is not None:  # the null half's noise is never used (forward_with_cfg)
                     step_noise = jnp.concatenate([step_noise, step_noise], 0)
+            if on_state is not None:
+                on_state(s, x[:b])
             if forecaster is not None:
                 cache = forecaster.inputs(s, schedule[s], cache)
             x, cache = self.run(plan[s], self.model.params, x, cache, jnp.int32(i), y, step_noise,

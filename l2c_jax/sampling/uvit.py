@@ -265,7 +265,7 @@ class UViTSampler(Sampler):
         return noise, y
 
     def __call__(self, noise, y=None, masks=None, key=None, progress: bool = False, cfg_scale="default",
-                 trace: Optional[List[dict]] = None):
+                 trace: Optional[List[dict]] = None, on_state=None):
         """noise (B,H,W,C) float32, y (B,) int labels (None if unconditional) -> latents (B,H,W,C).
 
         masks: the cache schedule, per model evaluation (NFE rows) or per solver
@@ -276,6 +276,8 @@ class UViTSampler(Sampler):
         cfg_scale: this call's guidance scale (default: the constructor's); a
         sampler built with guidance takes any scale without compiling anything.
         key: accepted for one call form across families; DPM-Solver draws no noise.
+        on_state: called as on_state(k, x) before every solver step k with the
+        state (B,H,W,C) it starts from (at the solver's time of that step).
         """
         scale = call_scale(self.cfg_scale, cfg_scale, off_value=0.0)
         scale = None if scale is None else jnp.float32(scale)
@@ -307,6 +309,8 @@ class UViTSampler(Sampler):
             return eps
 
         for k, st in it:
+            if on_state is not None:
+                on_state(k, x)
             s, t = jnp.float32(st.s), jnp.float32(st.t)
             # The solver's arithmetic runs eagerly between the jitted evaluations,
             # so evaluations with the same mask share one compiled program

@@ -1,4 +1,5 @@
-"""Training inputs: images (an image folder or a TFDS dataset) or precomputed latents.
+"""Training inputs: images (an image folder or a TFDS dataset), precomputed latents, or the
+model's own sampling trajectories (image-free router training, `l2c_jax.training.trajectories`).
 
 Every source is random-access or replayable, and the iterator's position is a
 small dict (`epoch`, `pos`) saved with each checkpoint, so a resumed run sees
@@ -18,6 +19,7 @@ import numpy as np
 
 from l2c_jax.errors import ConfigError
 from l2c_jax.training.digits import load_digits_u8
+from l2c_jax.training.trajectories import TrajectorySource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
 
@@ -244,6 +246,8 @@ class Batches:
         ys = np.asarray([y for _, y in items], np.int32)
         if self.source.kind == "images":
             return {"images": to_model_range(xs), "y": ys}
+        if self.source.kind == "trajectories":
+            return {"states": xs.astype(np.float32), "y": ys}
         return {"moments": xs.astype(np.float32), "y": ys}
 
 
@@ -260,6 +264,14 @@ def data_config(image_size: int, **overrides):
         latents="",                 # or latents from scripts/extract_latents.py
         image_size=image_size,
         flip=True,
+        # Image-free router training: the model's own full-sampler trajectories instead of a dataset,
+        # recorded into this directory ("workdir": WORKDIR/trajectories) on first use, then reused.
+        trajectories="",
+        num_trajectories=2048,      # trajectories recorded (each holds every step's state)
+        trajectory_seed=0,          # trajectory i's noise and label come from (seed, i)
+        # Guidance while recording (None: none, as the router loss itself runs the model).
+        trajectory_cfg_scale=ml_collections.config_dict.placeholder(float),
+        trajectory_batch_size=64,
     )
     unknown = set(overrides) - set(c)
     if unknown:
@@ -268,9 +280,14 @@ def data_config(image_size: int, **overrides):
     return ml_collections.ConfigDict(c)
 
 
-def make_source(data_config, image_size: int):
+def make_source(data_config, image_size: int, trajectories: Optional[str] = None):
     """The source the config names: data.latents, data.image_folder or data.tfds_name
-    ("sklearn_digits" names the bundled 8x8 digits)."""
+    ("sklearn_digits" names the bundled 8x8 digits), or with data.trajectories the
+    recorded trajectories in `trajectories` (the directory it resolves to)."""
+    if data_config.get("trajectories"):
+        if not trajectories:
+            raise ConfigError("data.trajectories is set: record the trajectories first (train_router does)")
+        return TrajectorySource(trajectories)
     if data_config.get("latents"):
         return LatentFolder(data_config.latents)
     if data_config.get("image_folder"):

@@ -61,8 +61,13 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     forecast from the full computes at this and the `order` previous period starts (real
     states from the same noise), as `l2c_jax.sampling.forecast` forms it in sampling,
     instead of a copy.
+
+    Image-free (batch["states"], (B, steps, H, W, C) full-sampler states in sampling
+    order, `l2c_jax.training.trajectories`): every state the loss would noise x0 to
+    is the recorded one instead, the sampler's own state at that step.
     """
     x0, y, noise, t_index = batch["x0"], batch["y"], batch["noise"], batch["t_index"]
+    states = batch.get("states")
     b = x0.shape[0]
     steps = diffusion.num_timesteps
     tmap = jnp.asarray(diffusion.timestep_map, jnp.int32)
@@ -72,8 +77,13 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     def t_of(i):
         return jnp.broadcast_to(tmap[i], (b,))
 
+    def state_at(i):  # the state at respaced index i: x0 noised to it, or the recorded sampler state
+        if states is None:
+            return diffusion.q_sample(x0, i, noise)
+        return jax.lax.dynamic_index_in_dim(states, steps - 1 - i, axis=1, keepdims=False)
+
     # One full DDIM step, as sampling would take it; nothing here depends on prob.
-    x_t = diffusion.q_sample(x0, t_index, noise)
+    x_t = state_at(t_index)
     out, cache = model.apply(params, x_t, t_of(t_index), y)
     x = sg(diffusion.ddim_step(out, x_t, t_index))
     cache = sg(cache)
@@ -84,7 +94,7 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
         i = t_index + m * period
         ok = i <= steps - 1
         ic = jnp.minimum(i, steps - 1)
-        _, c = model.apply(params, diffusion.q_sample(x0, ic, noise), t_of(ic), y)
+        _, c = model.apply(params, state_at(ic), t_of(ic), y)
         history.append(sg(c))
         known.append(ok)
 
@@ -183,12 +193,16 @@ def uvit_router_loss(prob, params, batch, *, model, tables: UViTLossSchedule, l1
                      ste_threshold: Optional[float] = None):
     """Returns (loss, aux). batch: x0 (B,H,W,C) latents, y (B,) labels already dropped to the
     null class where needed (None for an unconditional U-ViT), eps (B,H,W,C) noise, step ()
-    solver step k in [0, steps - 2]; the router row trained is k + 1."""
+    solver step k in [0, steps - 2]; the router row trained is k + 1. Image-free
+    (batch["states"], (B, solver steps, H, W, C)): step k starts from the recorded state."""
     x0, y, eps, k = batch["x0"], batch.get("y"), batch["eps"], batch["step"]
     b = x0.shape[0]
     solver = tables.solver
     times = jnp.asarray(tables.times)
-    x_t = jnp.asarray(tables.sqrt_ac)[k] * x0 + jnp.asarray(tables.sqrt_1m_ac)[k] * eps
+    if "states" in batch:  # image-free: the full sampler's recorded state at the start of step k
+        x_t = jax.lax.dynamic_index_in_dim(batch["states"], k, axis=1, keepdims=False)
+    else:
+        x_t = jnp.asarray(tables.sqrt_ac)[k] * x0 + jnp.asarray(tables.sqrt_1m_ac)[k] * eps
 
     # One full DPM-Solver-2 step without guidance; the midpoint (last) evaluation's cache is kept.
     caches = {}

@@ -13,6 +13,10 @@ The objective comes from the model's family (`l2c_jax.training.objectives`):
   script does not clamp (its released routers reach |prob| ~ 18), so the
   U-ViT configs set `train.clamp=None`.
 
+With `data.trajectories` the router trains without images: the model's own
+full-sampler trajectories are recorded first (`l2c_jax.training.trajectories`)
+and every loss starts from a recorded state instead of a noised image.
+
 The loop (`l2c_jax.training.loop.train_loop`) checkpoints the router, the
 optimizer state, the step and the data position in WORKDIR/checkpoints and
 resumes from the latest; every random draw of step s comes from
@@ -35,6 +39,7 @@ from l2c_jax.router import save_router
 from l2c_jax.training.data import Batches, make_source
 from l2c_jax.training.loop import TrainingDiverged, prepare_workdir, train_loop
 from l2c_jax.training.objectives import RouterObjective, router_objective
+from l2c_jax.training.trajectories import record_trajectories, trajectories_dir
 from l2c_jax.vae import load_vae
 
 __all__ = ["TrainingDiverged", "build_step", "make_mesh", "router_heatmap", "train_router"]
@@ -74,8 +79,10 @@ def build_step(objective: RouterObjective, vae, config, tx):
     def step(state, batch, params):
         key = jax.random.fold_in(base_key, state["step"])
         k_post, k_draw = jax.random.split(key)
-        x0 = latents(batch, k_post)
-        b = objective.draw(k_draw, x0, batch["y"])
+        if "states" in batch:  # image-free: the losses start from recorded sampler states (x0: shapes only)
+            b = dict(objective.draw(k_draw, batch["states"][:, 0], batch["y"]), states=batch["states"])
+        else:
+            b = objective.draw(k_draw, latents(batch, k_post), batch["y"])
         (loss, aux), grad = jax.value_and_grad(objective.loss, has_aux=True)(state["prob"], params, b)
         updates, opt_state = tx.update(grad, state["opt_state"], state["prob"])
         prob = optax.apply_updates(state["prob"], updates)
@@ -107,7 +114,10 @@ def train_router(config, workdir: str, report=print) -> dict:
     if vae is not None:
         vae.params = parallel.place(vae.params, mesh)
 
-    source = make_source(config.data, int(config.data.image_size))
+    trajectories = None
+    if config.data.get("trajectories"):  # image-free: the model's own trajectories, recorded once
+        trajectories = record_trajectories(config, trajectories_dir(config, workdir), model, report)
+    source = make_source(config.data, int(config.data.image_size), trajectories)
     batches = Batches(source, int(tc.batch_size), seed=int(config.seed), flip=config.data.get("flip", True),
                       process_index=jax.process_index(), process_count=jax.process_count())
 
