@@ -73,12 +73,15 @@ def is_placed(tree: Any) -> bool:
 def place(tree: Any, mesh: Optional[Mesh] = None, sharding: Optional[NamedSharding] = None) -> Any:
     """Puts a parameter tree on the mesh, replicated unless `sharding` says otherwise.
 
-    Leaves already laid out as asked are returned as they are (no copy).
+    Leaves already laid out as asked are returned as they are (no copy). An uncommitted
+    array (fresh from jnp on the default device) is committed to the sharding even where
+    its layout already matches; that shares its buffer, and a jitted step then sees the
+    same shardings at its first call as at every later one, so it compiles once.
     """
     sharding = sharding or replicated(mesh)
 
     def put(a):
-        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
+        if isinstance(a, jax.Array) and a.committed and a.sharding.is_equivalent_to(sharding, a.ndim):
             return a
         if not sharding.is_fully_addressable:
             # A mesh over several processes: each holds the same value and fills its own devices' part.

@@ -197,3 +197,23 @@ def test_sigterm_during_train_dit_saves_and_the_rerun_continues_exactly(tmp_path
     a, b = load_model(str(work / "model")), load_model(str(tmp_path / "ref" / "model"))
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+def test_the_router_step_compiles_once(tmp_path, caplog):
+    """The initial state is committed to the mesh like every later one, so step 2 reuses step 1's program."""
+    import logging
+
+    from l2c_jax.cli import parse_config_flags
+    from l2c_jax.training.trainer import train_router
+
+    config, _ = parse_config_flags(["--config", "configs/router_dit.py:smoke_imagefree", "--config.train.steps=3",
+                                    "--config.train.log_every=1", "--config.data.num_trajectories=8"])
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            train_router(config, str(tmp_path), report=lambda *_: None)
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+    steps = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    assert len(steps) == 1, [r.getMessage()[:200] for r in steps]
