@@ -78,8 +78,8 @@ def _make_sampler(model, router, config):
     sampler = sampler_for(model, sc.get("name", cls.solvers[0]), int(sc.steps),
                           is_guided(model.family, sc.get("cfg_scale")), config.get("strategy", "static"),
                           cache_dtype=config.get("cache_dtype") or None, **cls.options_from_config(sc))
-    if router is not None and config.router.get("retarget") and router.steps != sampler.rows:
-        router = retarget(router, sampler.rows, sc.get("skip_type", "time_uniform"))  # interpolated rows
+    if router is not None and config.router.get("retarget"):  # a router of another step count: interpolated rows
+        router = retarget(router, sampler.rows, sc.get("skip_type", "time_uniform"))
     masks = sampler.check_router_masks(router_masks(model, router, thr, sampler.rows) if router else None)
     what, of_what = sampler.describe()
     # A router trained with forecasts samples with them (only DiT routers have any).

@@ -36,7 +36,7 @@ def row_times(kind: str, rows: int, skip_type: str = "time_uniform") -> np.ndarr
     schedule = DiscreteVPSchedule.stable_diffusion()
     plan = DPMSolver(schedule, predict_x0=True, solver_type="dpm_solver").plan(nfe, 2, "singlestep", skip_type)
     out = np.full((nfe,), np.nan)
-    out[:len(plan)] = [round(float(st.s) * schedule.total_N) for st in plan]
+    out[:len(plan)] = schedule.discrete_timesteps([st.s for st in plan])  # the U-ViT router loss's timesteps
     return out
 
 

@@ -175,6 +175,11 @@ class DiscreteVPSchedule:
         return jnp.asarray(t, jnp.float32) * jnp.float32(self.total_N)
 
     # -- the discrete view (float64 NumPy) ----------------------------------------
+    def discrete_timesteps(self, t) -> np.ndarray:
+        """round(N * t) as int64, in float32 arithmetic as the original's `np.round(timesteps * 1000)`:
+        the integer timestep of continuous time t (the router trainer's, and the router rows' time axis)."""
+        return np.round(np.asarray(t, np.float32) * np.float32(self.total_N)).astype(np.int64)
+
     def discrete_alphas_cumprod(self) -> np.ndarray:
         """(N + 1,) float64: entry n = prod_{j<=n} (1 - b_j) for timesteps n = 1..N, entry 0 = 1.
 

@@ -179,7 +179,7 @@ class UViTLossSchedule:
         solver = DPMSolver(schedule, predict_x0=True, solver_type="dpm_solver")
         plan = solver.plan(nfe, 2, "singlestep", skip_type)
         times = np.array([st.s for st in plan] + [plan[-1].t], dtype=np.float32)
-        n = np.round(times * np.float32(schedule.total_N)).astype(np.int64)
+        n = schedule.discrete_timesteps(times)
         ac = schedule.discrete_alphas_cumprod()  # float64, entry 0 = 1
         return cls(solver, times, n.astype(np.int32), np.sqrt(ac[n]).astype(np.float32),
                    np.sqrt(1.0 - ac[n]).astype(np.float32))
