@@ -1,9 +1,9 @@
 """Caching methods, each one thing: given a model, a sampler and its knob, a schedule.
 
-A schedule (`Schedule`) has one row per model evaluation in sampling order
-and 2 x blocks columns (True = compute the unit), plus how a reused unit's
-value is formed (`forecast`: "copy", or TaylorSeer's "taylor1" / "taylor2",
-`l2c_jax.sampling.forecast`). Its computed share is computed unit
+A schedule (`l2c_jax.schedule.Schedule`) has one row per model evaluation in
+sampling order and 2 x blocks columns (True = compute the unit), plus how a
+reused unit's value is formed (`forecast`: "copy", or TaylorSeer's "taylor1" /
+"taylor2", `l2c_jax.sampling.forecast`). Its computed share is computed unit
 evaluations / (model evaluations of the full reference sampler x 2 x blocks),
 counted per guidance branch: DDIM with k steps against full DDIM with N counts k/N.
 
@@ -42,25 +42,9 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.schedule import Schedule
 
-
-@dataclasses.dataclass
-class Schedule:
-    method: str
-    setting: str
-    steps: int  # sampler steps this schedule runs (rows: one per step for DiT DDIM)
-    reference_steps: int  # the full sampler's steps the computed share is counted against
-    num_units: int
-    masks: Optional[np.ndarray] = None  # (steps, units) bool; None = every unit computed
-    forecast: str = "copy"
-
-    def computed(self) -> int:
-        """Computed unit evaluations."""
-        return self.steps * self.num_units if self.masks is None else int(np.asarray(self.masks, bool).sum())
-
-    @property
-    def computed_share(self) -> float:
-        return self.computed() / float(self.reference_steps * self.num_units)
+__all__ = ["METHODS", "Context", "Schedule", "make_schedule", "unit_changes"]
 
 
 @dataclasses.dataclass
@@ -69,12 +53,13 @@ class Context:
 
     num_units: int
     steps: int
-    # (router name, "" for the step count's own; threshold, None for the default) -> (masks (steps, units), forecast)
-    router_schedule: Callable[[str, Optional[float]], tuple]
+    # (router name, "" for the step count's own; threshold, None for the default) -> its Schedule
+    # (`l2c_jax.schedule.from_router`: masks, forecast, anchors)
+    router_schedule: Callable[[str, Optional[float]], Schedule]
     changes: Callable[[], np.ndarray]  # () -> (steps, units) relative change of each unit at each step
 
     def l2c_masks(self, threshold: Optional[float] = None) -> np.ndarray:
-        return np.asarray(self.router_schedule("", threshold)[0], bool)
+        return np.asarray(self.router_schedule("", threshold).masks, bool)
 
     @property
     def depth(self) -> int:
@@ -85,12 +70,13 @@ class Context:
         return int((~np.asarray(self.l2c_masks(None), bool)).sum())
 
 
-def _schedule(ctx, method, setting, masks=None, forecast="copy", steps=None) -> Schedule:
+def _schedule(ctx, method, setting, masks=None, forecast="copy", steps=None, anchors=None) -> Schedule:
     steps = ctx.steps if steps is None else int(steps)
     if masks is not None:
         masks = np.asarray(masks, bool).copy()
         masks[0] = True  # the first step fills the cache
-    return Schedule(method, str(setting), steps, ctx.steps, ctx.num_units, masks, forecast)
+    return Schedule(masks=masks, forecast=forecast, anchors=anchors, method=method, setting=str(setting),
+                    steps=steps, reference_steps=ctx.steps, num_units=ctx.num_units)
 
 
 def _blocks(ctx, blocks) -> np.ndarray:
@@ -113,8 +99,8 @@ def l2c(ctx, setting=None) -> Schedule:
         name, thr = "", name
     except ValueError:
         name = "" if name == "-" else name
-    masks, forecast = ctx.router_schedule(name, float(thr) if thr else None)
-    return _schedule(ctx, "l2c", setting, masks, forecast=forecast)
+    routed = ctx.router_schedule(name, float(thr) if thr else None)
+    return _schedule(ctx, "l2c", setting, routed.masks, forecast=routed.forecast, anchors=routed.anchors)
 
 
 def _every(ctx, n: int) -> np.ndarray:
@@ -198,8 +184,10 @@ def taylorseer(ctx, setting="2/2") -> Schedule:
     order = int(order or 2)
     if order not in (1, 2):
         raise ConfigError(f"taylorseer forecasts with order 1 or 2, got {order}")
-    masks = ctx.l2c_masks(None) if base == "l2c" else fora(ctx, int(base)).masks
-    return _schedule(ctx, "taylorseer", f"{base}/{order}", masks, forecast=f"taylor{order}")
+    # On L2C's schedule the router's period starts are the anchors; FORA's computed steps are its own.
+    base_schedule = ctx.router_schedule("", None) if base == "l2c" else fora(ctx, int(base))
+    return _schedule(ctx, "taylorseer", f"{base}/{order}", base_schedule.masks, forecast=f"taylor{order}",
+                     anchors=base_schedule.anchors)
 
 
 METHODS: Dict[str, Callable] = dict(full=full, l2c=l2c, fora=fora, delta_dit=delta_dit, deepcache=deepcache,

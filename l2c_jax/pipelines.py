@@ -9,7 +9,6 @@ latency per batch and the schedule's share of computed sub-layers.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ import numpy as np
 
 from l2c_jax import images as imio
 from l2c_jax.errors import ConfigError
-from l2c_jax.retarget import retarget
 from l2c_jax.sampling.draws import draw_labels, sample_noise, sample_step_keys
 
 log = logging.getLogger(__name__)
@@ -65,26 +63,41 @@ def load_for_sampling(config, mesh=None):
 
 
 def _make_sampler(model, router, config):
-    """(sampler, masks or None, computed share, what it runs, what the share is of).
+    """(sampler, schedule, what it runs, what the share is of).
 
-    The sampler is the model's own (`l2c_jax.sampling.sampler_for`), so every
-    batch, and every later job on the same model, reuses its compiled steps.
+    The schedule comes from the one path (`l2c_jax.sampling.resolve_schedule`):
+    `config.schedule` (any caching method, e.g. "taylorseer:3/2"; "l2c..."
+    reads the config's router), else the config's router (retargeted when
+    `config.router.retarget`), else every unit. The sampler is the model's own
+    (`l2c_jax.sampling.sampler_for`), so every batch, and every later job on
+    the same model, reuses its compiled steps.
     """
-    from l2c_jax.sampling import is_guided, router_masks, sampler_class, sampler_for
+    from l2c_jax.sampling import is_guided, resolve_schedule, sampler_class, sampler_for
 
     sc = config.sampler
-    thr = config.router.get("threshold") if config.get("router") is not None else None
+    rc = config.get("router")
     cls = sampler_class(model.family)
-    sampler = sampler_for(model, sc.get("name", cls.solvers[0]), int(sc.steps),
-                          is_guided(model.family, sc.get("cfg_scale")), config.get("strategy", "static"),
-                          cache_dtype=config.get("cache_dtype") or None, **cls.options_from_config(sc))
-    if router is not None and config.router.get("retarget"):  # a router of another step count: interpolated rows
-        router = retarget(router, sampler.rows, sc.get("skip_type", "time_uniform"))
-    masks = sampler.check_router_masks(router_masks(model, router, thr, sampler.rows) if router else None)
-    what, of_what = sampler.describe()
-    # A router trained with forecasts samples with them (only DiT routers have any).
-    forecast = {} if router is None or router.forecast == "copy" else {"forecast": router.forecast}
-    return sampler, masks, sampler.computed_share(masks), what, of_what, forecast
+    kw = dict(cache_dtype=config.get("cache_dtype") or None, **cls.options_from_config(sc))
+    if config.get("history_dtype"):
+        if model.family != "dit":
+            raise ConfigError(f"history_dtype applies to forecasting schedules, which {model.family} does not run")
+        kw["history_dtype"] = config.history_dtype
+    guided = is_guided(model.family, sc.get("cfg_scale"))
+
+    def sampler(steps):
+        return sampler_for(model, sc.get("name", cls.solvers[0]), int(steps), guided, config.get("strategy", "static"),
+                           **kw)
+
+    smp = sampler(sc.steps)
+    spec = config.get("schedule") or None
+    schedule = resolve_schedule(model, smp, spec, router=router,
+                                threshold=rc.get("threshold") if router is not None else None,
+                                retarget=bool(rc.get("retarget")) if rc is not None else False,
+                                skip_type=sc.get("skip_type", "time_uniform"), calibration=config.get("calibration"))
+    if schedule.steps is not None and int(schedule.steps) != smp.rows:  # fewer_steps: its own step count
+        smp = sampler(schedule.steps)
+    what, of_what = smp.describe()
+    return smp, schedule, what, of_what
 
 
 def _check_evaluation(config) -> None:
@@ -140,7 +153,9 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     from l2c_jax.memory import release_free_heap
     from l2c_jax.shards import ShardStore, batches_of, job_fingerprint
 
-    sampler, masks, share, what, of_what, forecast = made
+    sampler, schedule, what, of_what = made
+    share = sampler.computed_share(schedule) * sampler.rows / (schedule.reference_steps or sampler.rows)
+    cached = schedule.masks is not None
     cfg = model.config
     if not cfg.conditional:
         n = int(config.get("num_samples") or len(config.get("labels") or ()))
@@ -170,7 +185,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     aot = mesh.devices.size == 1 and sampler.compile_ahead and bool(mine)
     if aot:  # every graph of the schedule, compiled ahead and in parallel
         with phases("compile"):
-            sampler.compile(bs, masks)
+            sampler.compile(bs, schedule)
 
     times = []
     first = True
@@ -179,7 +194,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
         noise = parallel.shard_batch(sample_noise(config.seed, padded, shape), mesh)
         yb = None if labels is None else labels[padded]
         key = sample_step_keys(config.seed, padded) if sampler.draws_noise else None
-        run = lambda: sampler(noise, yb, masks, key=key, cfg_scale=scale, **forecast)  # noqa: E731
+        run = lambda: sampler(noise, yb, schedule, key=key, cfg_scale=scale)  # noqa: E731
         runs = 1 + (int(config.get("repeats", 0)) if b == 0 else 0)
         for r in range(runs):
             with phases("sample" if aot or not first else "compile"):
@@ -217,20 +232,28 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
 
     t = np.asarray(times)
     timed = len(t) > 0
+    history = history_report(sampler, schedule, bs)
     result = dict(latency_mean=float(t.mean()) if timed else None, latency_std=float(t.std()) if timed else None,
-                  computed_share=share, num_images=n, sampled=int(sum(len(i) for i in mine)),
-                  processes=jax.process_count(), grid=grid_path, npz=npz_path, batch_size=bs, steps=sampler.rows,
-                  router=masks is not None, phases=phases.summary(), metrics=metrics)
+                  computed_share=share, flop_bound=flop_bound_of(model, sampler, schedule), num_images=n,
+                  sampled=int(sum(len(i) for i in mine)), processes=jax.process_count(), grid=grid_path, npz=npz_path,
+                  batch_size=bs, steps=sampler.rows, router=cached, schedule=schedule.describe(),
+                  forecast=schedule.forecast, history_bytes=history["kept"],
+                  history_bytes_all_units=history["all_units"], phases=phases.summary(), metrics=metrics)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
     where = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
     if timed:
-        report(f"sampled {n} images{where}, {what}{' + L2C' if masks is not None else ''}, batch {bs}: "
+        label = ("L2C" if schedule.method == "l2c" else schedule.describe()) + (
+            f" ({schedule.forecast})" if schedule.forecasts else "")
+        report(f"sampled {n} images{where}, {what}{' + ' + label if cached else ''}, batch {bs}: "
                f"{t.mean():.3f}±{t.std():.3f} s per batch "
                f"({len(t)} timed run{'s' if len(t) != 1 else ''}, compile excluded where repeats > 0)")
     else:
         report(f"all {n} images were sampled before this run; nothing left to sample")
     report(f"sub-layers computed: {share * 100:.2f}% of {of_what}")
+    if schedule.forecasts:
+        report(f"forecast history ({schedule.forecast}): {history['kept'] / 2**20:.1f} MiB at its peak, against "
+               f"{history['all_units'] / 2**20:.1f} MiB for (value, d1, d2) of every unit in float32")
     report(f"wrote {grid_path}" + (f" and {npz_path}" if npz_path else ""))
     if metrics is not None:  # the ADM evaluator's lines, against config.evaluate.reference
         for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
@@ -240,6 +263,24 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     for line in phases.lines():
         report("  " + line)
     return result
+
+
+def history_report(sampler, schedule, batch: int) -> dict:
+    """{kept, all_units}: the forecast history's peak bytes for `batch` images (0 for families without one)."""
+    fn = getattr(sampler, "history_bytes", None)
+    return fn(schedule, batch) if fn is not None else dict(kept=0, all_units=0)
+
+
+def flop_bound_of(model, sampler, schedule) -> Optional[float]:
+    """Full FLOPs over the schedule's (the always-computed parts included), for DiT schedules; else None."""
+    if model.family != "dit":
+        return None
+    from l2c_jax.bench.flops import flop_bound
+
+    if schedule.masks is None:
+        ref = schedule.reference_steps or sampler.rows
+        return float(ref / sampler.rows)
+    return float(flop_bound(model.config, schedule.masks, sampler.rows)["bound_with_fixed"])
 
 
 def timed(fn, repeats: int):
@@ -253,87 +294,3 @@ def timed(fn, repeats: int):
         jax.block_until_ready(out)
         ts.append(time.perf_counter() - t0)
     return out, float(np.median(ts)), float(np.std(ts))
-
-
-def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
-    """Full DDIM vs DDIM + L2C vs DDIM with fewer steps at L2C's latency, from the same noise.
-
-    Reports, in the paper's form, latency, share of sub-layers computed, FID
-    (in the feature space `config.eval.features` names) and fidelity to the
-    full sampler (PSNR), and writes a side-by-side PNG.
-    """
-    from l2c_jax.eval.fid import psnr
-    from l2c_jax.sampling import is_guided, computed_share, router_masks, sampler_for
-
-    model, router, _ = load_for_sampling(config)
-    if router is None:
-        raise ConfigError("compare needs config.router.checkpoint")
-    sc = config.sampler
-    steps = int(sc.steps)
-    gc = sc.get("guidance_channels", 3)
-    guided = is_guided(model.family, sc.get("cfg_scale"))
-    scale = sc.get("cfg_scale") if guided else None
-    full = functools.partial(sampler_for(model, sc.get("name", "ddim"), steps, guided, "static",
-                                         guidance_channels=gc), cfg_scale=scale)
-    masks = router_masks(model, router, config.router.get("threshold"), steps)
-    n = int(config.eval.num_samples)
-    cfg = model.config
-    y = np.arange(n) % cfg.num_classes
-    noise = jax.random.normal(jax.random.key(config.seed), (n, cfg.input_size, cfg.input_size, cfg.in_channels))
-    reps = int(config.get("repeats", 3))
-
-    x_full, t_full, s_full = timed(lambda: full(noise, y), reps)
-    x_l2c, t_l2c, s_l2c = timed(lambda: full(noise, y, masks), reps)
-    # The honest baseline: plain DDIM given the time L2C takes (or config.compare_steps steps).
-    k = int(config.get("compare_steps", 0) or 0) or max(2, int(round(steps * t_l2c / t_full)))
-    fewer = functools.partial(sampler_for(model, sc.get("name", "ddim"), k, guided, "static", guidance_channels=gc),
-                              cfg_scale=scale)
-    x_few, t_few, s_few = timed(lambda: fewer(noise, y), reps)
-
-    feats = None
-    if config.eval.get("features") == "digits":
-        from l2c_jax.eval.digits_classifier import DigitFeatures
-        feats = DigitFeatures()
-    rows = []
-    for name, x, t, s, nfe, share in [
-        (f"DDIM {steps}", x_full, t_full, s_full, steps, 1.0),
-        (f"DDIM {steps} + L2C", x_l2c, t_l2c, s_l2c, steps, computed_share(masks, steps, model.num_units)),
-        (f"DDIM {k} (L2C's latency)", x_few, t_few, s_few, k, 1.0),
-    ]:
-        imgs = np.clip(np.asarray(x), -1, 1)
-        rows.append(dict(method=name, nfe=nfe, latency=t, latency_std=s, computed=share,
-                         fid=feats.fid_to_data(imgs) if feats else None,
-                         psnr_to_full=psnr(imgs, np.clip(np.asarray(x_full), -1, 1))))
-    workdir = workdir or config.get("workdir") or "."
-    os.makedirs(workdir, exist_ok=True)
-    show = [imio.to_uint8(np.asarray(x)[: cfg.num_classes]) for x in (x_full, x_l2c, x_few)]
-    png = os.path.join(workdir, config.get("grid", "compare.png"))
-    imio.save_png(png, imio.make_grid(np.concatenate(show), nrow=cfg.num_classes, padding=1),
-                  upscale=config.get("grid_upscale", 8))
-    report(f"{n} samples, batch {n}, CFG {sc.get('cfg_scale')}, {jax.devices()[0].platform}; rows of {png}: "
-           f"DDIM {steps} | DDIM {steps} + L2C | DDIM {k}")
-    report(f"{'method':<26}{'latency (s)':>16}{'computed':>10}{'FID':>9}{'PSNR vs full':>14}")
-    for r in rows:
-        fid_s = f"{r['fid']:.2f}" if r["fid"] is not None else "-"
-        ps = "inf" if not np.isfinite(r["psnr_to_full"]) else f"{r['psnr_to_full']:.1f} dB"
-        report(f"{r['method']:<26}{r['latency']:>9.3f} ±{r['latency_std']:.3f}{r['computed'] * 100:>9.1f}%"
-               f"{fid_s:>9}{ps:>14}")
-    report(f"L2C speed-up {t_full / t_l2c:.2f}x over DDIM {steps}")
-    if feats is not None:
-        report(f"FID: features of the project's digit classifier ({feats.accuracy * 100:.1f}% held-out accuracy) "
-               f"against all 1797 digits")
-    narrow = config.get("compare_cache_dtype")
-    if narrow:  # what a narrower feature cache costs: the same L2C run, only the carried cache rounded
-        lean = sampler_for(model, sc.get("name", "ddim"), steps, guided, "static", guidance_channels=gc,
-                           cache_dtype=narrow)
-        x_lean = np.clip(np.asarray(lean(noise, y, masks, cfg_scale=scale)), -1, 1)
-        l2c_imgs = np.clip(np.asarray(x_l2c), -1, 1)
-        rows.append(dict(method=f"DDIM {steps} + L2C, {narrow} cache", nfe=steps, computed=rows[1]["computed"],
-                         fid=feats.fid_to_data(x_lean) if feats else None,
-                         psnr_to_full=psnr(x_lean, np.clip(np.asarray(x_full), -1, 1)),
-                         psnr_to_float32_cache=psnr(x_lean, l2c_imgs)))
-        r = rows[-1]
-        report(f"{narrow} feature cache: PSNR {r['psnr_to_float32_cache']:.1f} dB to the float32-cache L2C images, "
-               f"{r['psnr_to_full']:.1f} dB to full DDIM {steps}"
-               + (f", FID {r['fid']:.2f}" if r["fid"] is not None else ""))
-    return rows

@@ -41,7 +41,7 @@ def test_digits_fid_separates_data_from_noise():
 @pytest.mark.parametrize("steps", [20])
 def test_shipped_router_computes_less_at_nearly_the_same_fid(steps):
     """L2C with the shipped router: fewer sub-layers, FID within 1.0 of full DDIM, close to it pixel-wise."""
-    from l2c_jax.pipelines import run_compare
+    from l2c_jax.compare_methods import run_compare
     # The plain-DDIM row at L2C's compute (70% of 20 steps), not its measured latency: a loaded
     # machine must not change what the test compares.
     config, _ = parse_config_flags(["--config", f"configs/digits.py:{steps}", "--config.eval.num_samples=500",

@@ -4,14 +4,12 @@ import json
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from l2c_jax.errors import ConfigError
 from l2c_jax.methods import METHODS, Context, make_schedule, unit_changes
-from l2c_jax.sampling.forecast import Forecaster
 
 STEPS = 20
 SETTINGS = dict(full=None, l2c=None, fora=3, delta_dit=6, deepcache=3, smoothcache=0.2, error_ranked="l2c",
@@ -35,9 +33,12 @@ def digits():
     def sampler(k, strategy="static"):
         return sampler_for(model, "ddim", k, False, strategy, guidance_channels=None)
 
+    from l2c_jax.schedule import from_router
+
     changes = unit_changes(sampler(STEPS), noise, y)
     ctx = Context(num_units=model.num_units, steps=STEPS, changes=lambda: changes,
-                  router_schedule=lambda name, thr: (router.masks(0.5 if thr is None else thr), router.forecast))
+                  router_schedule=lambda name, thr: from_router(router, kind="dit-ddim", num_units=model.num_units,
+                                                                rows=STEPS, threshold=0.5 if thr is None else thr))
     return model, ctx, sampler, noise, y
 
 
@@ -51,7 +52,7 @@ def _changed_units(sampler, schedule, noise, y):
                     np.array([not np.array_equal(a, b) for a, b in zip(prev["u"], cur)]))
         prev["u"] = cur
 
-    sampler(noise, y, schedule.masks, on_step=on_step)
+    sampler(noise, y, schedule, on_step=on_step)
     return np.stack(seen)
 
 
@@ -89,27 +90,13 @@ def test_random_and_error_ranked_meet_the_budget_of_l2c(digits):
         make_schedule(ctx, "fastcache", 1)
 
 
-def test_taylor_forecast_extrapolates_a_linear_trajectory_exactly():
-    value = lambda s: (jnp.full((2, 3), 1.0) + 0.5 * s, jnp.full((2, 3), -2.0) * s)  # noqa: E731
-    for order in (1, 2):
-        f = Forecaster(f"taylor{order}", 2)
-        for s in (0, 2, 4):  # computed every other step; unit 1 only at 0 and 4
-            mask = (True, s != 2)
-            f.update(s, mask, value(s) if s != 2 else (value(s)[0], value(0)[1]))
-        pred = f.inputs(7, (False, False), value(0))
-        np.testing.assert_allclose(np.asarray(pred[0]), np.asarray(value(7)[0]), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(pred[1]), np.asarray(value(7)[1]), rtol=1e-6)
-    with pytest.raises(ConfigError, match="unknown forecast"):
-        Forecaster("taylor3", 2)
-
-
 def test_forecasting_runs_the_same_under_both_strategies_and_beats_copying(digits):
     _, ctx, sampler, noise, y = digits
     sched = make_schedule(ctx, "taylorseer", "2/2")
     full = np.asarray(sampler(STEPS)(noise, y))
-    static = np.asarray(sampler(STEPS)(noise, y, sched.masks, forecast=sched.forecast))
-    again = np.asarray(sampler(STEPS)(noise, y, sched.masks, forecast=sched.forecast))
-    cond = np.asarray(sampler(STEPS, "cond")(noise, y, sched.masks, forecast=sched.forecast))
+    static = np.asarray(sampler(STEPS)(noise, y, sched))
+    again = np.asarray(sampler(STEPS)(noise, y, sched))
+    cond = np.asarray(sampler(STEPS, "cond")(noise, y, sched))
     copied = np.asarray(sampler(STEPS)(noise, y, sched.masks))
     np.testing.assert_array_equal(static, again)
     np.testing.assert_allclose(cond, static, atol=1e-5)
@@ -120,6 +107,11 @@ def test_compare_methods_writes_the_table_and_the_picture(tmp_path):
     r = subprocess.run([sys.executable, "scripts/compare_methods.py", "--config", "configs/methods_digits.py:quick",
                         "--config.steps=(20,)", "--config.num_samples=40", "--config.seeds=(0,1)",
                         "--config.bfloat16_rows=False", "--config.calibration.num_samples=8",
+                        "--config.methods.taylorseer=('3/2', 'l2c/2')", "--config.methods.l2c=('-',)",
+                        "--config.methods.fora=(3,)", "--config.methods.delta_dit=(6,)",
+                        "--config.methods.deepcache=(3,)", "--config.methods.smoothcache=(0.2,)",
+                        "--config.methods.error_ranked=('l2c',)", "--config.methods.random=(0,)",
+                        "--config.methods.fewer_steps=(0.5,)",
                         "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.load(open(tmp_path / "methods.json"))["rows"]
@@ -130,4 +122,9 @@ def test_compare_methods_writes_the_table_and_the_picture(tmp_path):
         assert row["flop_bound"] >= 1 and row["speedup"] > 0
     full = next(row for row in rows if row["method"] == "full")
     assert full["computed_share"] == 1 and full["psnr_to_full"] == float("inf")
+    # Forecasting rows: their history is counted, and measured again with it in bfloat16 (config.history_dtypes).
+    ts = [row for row in rows if row["method"] == "taylorseer" and row["setting"] == "3/2"]
+    assert [row["history_dtype"] for row in ts] == ["float32", "bfloat16"]
+    assert 0 < ts[1]["history_bytes"] < ts[0]["history_bytes"] <= ts[0]["history_bytes_all_units"]
+    assert all(row["history_bytes"] == 0 for row in rows if row["forecast"] == "copy")
     assert (tmp_path / "pareto.png").stat().st_size > 10_000

@@ -2,7 +2,9 @@
 
 - "sample" (default): full vs L2C sampling latency, compile time, memory, FLOP bound (`bench.sampling`);
 - "forward": one full-model forward's FLOP rate and MFU (`bench.forward`);
-- "user_path": the user's path at full size, convert -> load -> compile -> sample -> decode (`bench.user_path`).
+- "user_path": the user's path at full size, convert -> load -> compile -> sample -> decode (`bench.user_path`);
+- "schedules": several cache schedules' measured speed-up against full, side by side, beside their FLOP bounds
+  (`bench.schedules`).
 
 Layers, importing downwards only: flops (no jax) < harness < compile_probe, reference < the three modes.
 """
@@ -13,6 +15,7 @@ from typing import Callable
 
 from l2c_jax.bench.forward import run_forward_benchmark
 from l2c_jax.bench.sampling import run_sample_benchmark
+from l2c_jax.bench.schedules import run_schedules_benchmark
 from l2c_jax.bench.user_path import run_user_path
 from l2c_jax.errors import ConfigError
 
@@ -26,5 +29,7 @@ def run_benchmark(config, report: Callable = print, argv=None) -> dict:
         return run_forward_benchmark(config, report, argv)
     if mode == "user_path":
         return run_user_path(config, report)
-    raise ConfigError(f"mode must be 'sample' (full vs L2C schedules), 'forward' (MFU) or 'user_path' "
-                      f"(convert -> sample at full size), got {mode!r}")
+    if mode == "schedules":
+        return run_schedules_benchmark(config, report, argv)
+    raise ConfigError(f"mode must be 'sample' (full vs L2C schedules), 'forward' (MFU), 'user_path' "
+                      f"(convert -> sample at full size) or 'schedules' (several schedules against full), got {mode!r}")

@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Optional
 
-from l2c_jax.bench.harness import build_model, package_env, build_sampler, load_bench_router, typed_model
+from l2c_jax.bench.harness import bench_schedule, build_model, build_sampler, package_env, typed_model
 
 
 def _compile_probe(spec: dict) -> dict:
@@ -24,11 +24,10 @@ def _compile_probe(spec: dict) -> dict:
     enable_compilation_cache(spec["cache_dir"])
     config = ml_collections.ConfigDict(spec["config"])
     model = typed_model(build_model(config, abstract=True), config.get("dtype", "float32"))
-    steps = int(config.sampler.steps)
-    _, masks = load_bench_router(config, model, steps)
     sampler = build_sampler(model, config, spec["strategy"])
+    _, schedule = bench_schedule(config, model, sampler)
     t0 = time.perf_counter()
-    stats = sampler.compile(int(spec["batch"]), masks, workers=spec.get("workers") or None)
+    stats = sampler.compile(int(spec["batch"]), schedule, workers=spec.get("workers") or None)
     wall = time.perf_counter() - t0
     return dict(compile_s=wall, graphs=stats["graphs"], workers=stats["workers"],
                 per_graph_s=[round(x, 3) for x in stats["per_graph_s"]], trace_lower_s=stats["trace_lower_s"],

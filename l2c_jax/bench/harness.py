@@ -109,21 +109,30 @@ def build_model(config, abstract: bool = False):
     return model
 
 
-def load_bench_router(config, model, steps: int):
-    """(Router or None, masks or None): `router.checkpoint` = a file, "random" (seeded), or "" (no L2C)."""
+def bench_schedule(config, model, sampler):
+    """(Router or None, Schedule) a benchmark times against full sampling, through the one schedule path
+    (`l2c_jax.sampling.resolve_schedule`): `config.schedule` (any caching method, e.g. "taylorseer:3/2"; "l2c"
+    reads the router), else `router.checkpoint` = a file or "random" (a seeded random router); a router's
+    forecast is kept."""
     from l2c_jax.router import Router, load_router
-    from l2c_jax.sampling import router_masks
+    from l2c_jax.sampling import resolve_schedule
 
     rc = config.get("router")
-    if rc is None or not rc.get("checkpoint"):
-        return None, None
-    if rc.checkpoint == "random":
-        rng = np.random.default_rng(int(rc.get("seed", 0)))
-        router = Router(rng.normal(0.0, 2.0, size=(steps, model.num_units)).astype(np.float32), "dit-ddim",
-                        threshold=rc.get("threshold"), source="random")
-    else:
-        router = load_router(rc.checkpoint, kind=rc.get("kind") or None)
-    return router, router_masks(model, router, rc.get("threshold"), steps)
+    router = None
+    if rc is not None and rc.get("checkpoint"):
+        if rc.checkpoint == "random":
+            rng = np.random.default_rng(int(rc.get("seed", 0)))
+            router = Router(rng.normal(0.0, 2.0, size=(sampler.rows, model.num_units)).astype(np.float32),
+                            "dit-ddim", threshold=rc.get("threshold"), source="random")
+        else:
+            router = load_router(rc.checkpoint, kind=rc.get("kind") or None)
+    spec = config.get("schedule") or None
+    if spec is None and router is None:
+        raise ConfigError("the benchmark compares full sampling with a cache schedule: set router.checkpoint "
+                          "(a file or 'random') or schedule (e.g. 'taylorseer:3/2')")
+    threshold = rc.get("threshold") if router is not None else None
+    return router, resolve_schedule(model, sampler, spec, router=router, threshold=threshold,
+                                    retarget=bool(rc.get("retarget")) if router is not None else False)
 
 
 def typed_model(model, dtype):
@@ -148,9 +157,10 @@ def build_sampler(model, config, strategy: str):
     from l2c_jax.sampling import sampler_class
 
     sc = config.sampler
+    kw = dict(history_dtype=config.history_dtype) if config.get("history_dtype") else {}
     return sampler_class(model.family)(model, int(sc.steps), solver=sc.get("name", "ddim"),
                                        cfg_scale=sc.get("cfg_scale"), eta=sc.get("eta", 0.0),
-                                       guidance_channels=sc.get("guidance_channels", 3), strategy=strategy)
+                                       guidance_channels=sc.get("guidance_channels", 3), strategy=strategy, **kw)
 
 
 def inputs(config, model, batch: int):

@@ -37,9 +37,9 @@ import numpy as np
 
 from l2c_jax.bench.compile_probe import measure_compile
 from l2c_jax.bench.flops import device_kind, flop_bound, peak_tflops, throughput_of_schedule
-from l2c_jax.bench.harness import (build_model, build_sampler, compilation_cache_of, dtype_of, inputs,
-                                   load_bench_router, machine_info, rel, rel_rms, resolve_strategy, summarize,
-                                   typed_model, write_row)
+from l2c_jax.bench.harness import (bench_schedule, build_model, build_sampler, compilation_cache_of, dtype_of,
+                                   inputs, machine_info, rel, rel_rms, resolve_strategy, summarize, typed_model,
+                                   write_row)
 from l2c_jax.bench.reference import torch_reference
 from l2c_jax.errors import ConfigError
 from l2c_jax.memory import Phases, device_peak_bytes, maxrss_bytes
@@ -50,6 +50,7 @@ ROW_KEYS = (
     "cfg_scale", "dtype", "strategy", "router", "threshold", "warmup", "repeats", "computed_share",
     "flop_bound", "bound_with_fixed", "full", "l2c", "speedup", "speedup_over_bound", "compile",
     "memory", "l2c_vs_full_rel", "bf16_vs_f32", "torch_reference", "throughput", "matmul_precision",
+    "schedule", "forecast", "history_bytes", "history_bytes_all_units",
 )
 
 
@@ -90,10 +91,13 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
                           num_heads=cfg.num_heads, input_size=cfg.input_size,
                           params=int(sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(model32.params)))),
                image_size=cfg.input_size * (8 if cfg.in_channels == 4 else 1))
-    router, masks = load_bench_router(config, model32, steps)
+    router, schedule = bench_schedule(config, model32, build_sampler(model32, config, strategy))
+    masks = schedule.masks
     if masks is None:
-        raise ConfigError("the benchmark compares full and L2C sampling: set router.checkpoint (a file or 'random')")
-    row.update(router=router.source, threshold=float(config.router.threshold))
+        raise ConfigError(f"schedule {schedule.describe()!r} reuses nothing: the benchmark times a cache schedule")
+    row.update(router=router.source if router is not None else None,
+               threshold=float(config.router.threshold) if router is not None else None,
+               schedule=schedule.describe(), forecast=schedule.forecast)
     run_masks = masks[:sched_steps]
     fb = flop_bound(cfg, run_masks, sched_steps)
     row.update(computed_share=float(np.asarray(run_masks, bool).mean()), flop_bound=fb["bound"],
@@ -116,7 +120,7 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     sampler = build_sampler(model, config, strategy)
     noise, y = inputs(config, model, batch)
     t0 = time.perf_counter()
-    st = sampler.compile(batch, masks, workers=workers)
+    st = sampler.compile(batch, schedule, workers=workers)
     st_full = sampler.compile(batch, None, workers=workers)
     comp.update(in_process_s=time.perf_counter() - t0, in_process_graphs=st["graphs"] + st_full["graphs"])
     report(f"  this process: {comp['in_process_graphs']} graph(s) in {comp['in_process_s']:.2f} s "
@@ -124,7 +128,9 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     row["compile"] = comp
 
     # -- latency
-    kinds = {"full": None, "l2c": masks}
+    kinds = {"full": None, "l2c": schedule}
+    hist = sampler.history_bytes(schedule, batch)
+    row.update(history_bytes=hist["kept"], history_bytes_all_units=hist["all_units"])
     times = {k: [] for k in kinds}
     cpu = {k: [] for k in kinds}
     lat = {}
@@ -173,7 +179,7 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     # -- bfloat16 deviation from float32
     if dtype == jnp.bfloat16 and config.get("compare_float32", True):
         s32 = build_sampler(model32, config, strategy)
-        ref = s32(noise, y, masks, max_steps=max_steps)
+        ref = s32(noise, y, schedule, max_steps=max_steps)
         row["bf16_vs_f32"] = dict(l2c_rel_max=rel(lat["l2c"], ref), l2c_rel_rms=rel_rms(lat["l2c"], ref))
         report(f"bfloat16 vs float32 L2C latents: max {row['bf16_vs_f32']['l2c_rel_max']:.3e}, "
                f"rms {row['bf16_vs_f32']['l2c_rel_rms']:.3e} (relative)")
@@ -184,6 +190,8 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     if config.get("torch_reference"):
         if max_steps and max_steps < steps:
             raise ConfigError("torch_reference times whole schedules: leave max_steps at 0")
+        if router is None or schedule.forecasts:
+            raise ConfigError("torch_reference runs the original's L2C (a router, copies): unset schedule")
         report(f"original PyTorch code ({config.torch_reference}), {config.get('torch_threads', 2)} threads ...")
         tw = int(config.get("torch_warmup", 1))
         tr = int(config.get("torch_repeats", repeats))

@@ -130,8 +130,10 @@ def run_user_path(config, report: Callable = print) -> dict:
     if family not in FAMILIES:
         raise ConfigError(f"user_path benchmarks families {', '.join(FAMILIES)}, not {family!r}")
     arch, converter, _, _, _, sample_config = FAMILIES[family]
-    if not config.get("router") or not os.path.exists(config.router):
-        raise ConfigError(f"config.router: the released router file is needed ({config.get('router') or 'unset'})")
+    schedule = config.get("schedule") or ""
+    if not schedule and (not config.get("router") or not os.path.exists(config.router)):
+        raise ConfigError(f"config.router: the released router file is needed ({config.get('router') or 'unset'}), "
+                          "or a caching method's schedule (config.schedule)")
     work = os.path.abspath(config.workdir)
     os.makedirs(work, exist_ok=True)
     py = sys.executable
@@ -153,10 +155,13 @@ def run_user_path(config, report: Callable = print) -> dict:
     row["weights_bytes"] = weights
     labels = ", ".join(str(i) for i in range(207, 207 + int(config.batch_size)))
     cmd = [py, "-m", "l2c_jax.commands.sample", "--config", sample_config, f"--config.model.checkpoint={model_dir}",
-           f"--config.vae.checkpoint={vae_dir}", f"--config.router.checkpoint={config.router}",
+           f"--config.vae.checkpoint={vae_dir}", f"--config.router.checkpoint={'' if schedule else config.router}",
+           f"--config.schedule={schedule}",
            f"--config.batch_size={int(config.batch_size)}", f"--config.labels=({labels},)",
            f"--config.repeats={int(config.repeats)}", f"--config.dtype={config.get('dtype', 'float32')}",
            "--workdir", os.path.join(work, "samples"), f"--config.strategy={config.get('strategy', 'auto')}"]
+    if config.get("history_dtype"):
+        cmd.append(f"--config.history_dtype={config.history_dtype}")
     row["command"] = " ".join(["l2c-sample"] + cmd[3:])
     row["sample"] = run_measured(cmd, os.path.join(work, "sample.log"))
     with open(os.path.join(work, "samples", "report.json")) as f:
@@ -164,12 +169,18 @@ def run_user_path(config, report: Callable = print) -> dict:
     row["sample"]["phases"] = job["phases"]
     row["sample"]["latency_mean_s"] = job["latency_mean"]
     row["sample"]["computed_share"] = job["computed_share"]
+    row["sample"]["schedule"] = job.get("schedule")
+    row["sample"]["history_bytes"] = job.get("history_bytes")
+    row["sample"]["history_bytes_all_units"] = job.get("history_bytes_all_units")
     total = weights["model"] + weights["vae"]
     row["sample"]["peak_over_weights"] = row["sample"]["peak_rss_bytes"] / total
 
     gib = 2.0 ** 30
     report(f"{arch} 256 px + autoencoder, batch {row['batch_size']}, float32 weights "
-           f"{weights['model'] / gib:.2f} + {weights['vae'] / gib:.2f} GiB")
+           f"{weights['model'] / gib:.2f} + {weights['vae'] / gib:.2f} GiB, schedule {job.get('schedule')}")
+    if job.get("history_bytes_all_units"):
+        report(f"forecast history: {job['history_bytes'] / gib:.2f} GiB at its peak "
+               f"(all units in float32: {job['history_bytes_all_units'] / gib:.2f} GiB)")
     report(f"{'step':<22}{'wall (s)':>10}{'peak RSS (GiB)':>16}")
     for name, r in (("convert model", row["convert_model"]), ("convert VAE", row["convert_vae"])):
         report(f"{name:<22}{r['wall_s']:>10.1f}{r['peak_rss_bytes'] / gib:>16.2f}")

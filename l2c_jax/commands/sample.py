@@ -17,7 +17,8 @@ def main(argv):
     import logging
 
     logging.basicConfig(level=logging.WARNING, format=log_format("%(levelname)s %(message)s"))
-    from l2c_jax.pipelines import run_compare, run_sampling
+    from l2c_jax.compare_methods import run_compare
+    from l2c_jax.pipelines import run_sampling
 
     if config.get("mode") == "compare":
         run_compare(config, workdir)

@@ -27,6 +27,13 @@
   dpm20_router.pth. Random weights written in the original PyTorch formats
   (under `workdir/source`, kept for later runs), converted with the
   converters, sampled with scripts/sample.py, each step a fresh process.
+  `user_path_dit_taylorseer`: the same DiT path sampling TaylorSeer 3/2 (no
+  router) at batch 8 with guidance, its history in bfloat16.
+- `digits_schedules`, mode "schedules": the shipped digits DiT, DDIM 50,
+  batch 1,000: TaylorSeer 4/2 and 6/2, the period-4 router with forecasts,
+  FORA 4 and 6 (copies) and L2C timed against full sampling side by side,
+  each beside its FLOP bound, forecasts also with bfloat16 history
+  (`--config.schedules=...` for others, any caching method).
 - `smoke`: a tiny random DiT, 10 DDIM steps, a seeded random router: the
   benchmark's plumbing in seconds (tests/test_benchmark.py); its numbers mean little.
 """
@@ -46,9 +53,9 @@ _FIXTURES = os.path.join(os.path.dirname(_CHECKOUT), "shared", "fixtures", "rout
 _ROUTERS = {"ddim20": "DDIM20_router.pt", "ddim50": "DDIM50_router.pt", "dpm20": "dpm20_router.pth"}
 
 FORMS = ("dit_xl2_256_ddim20", "dit_xl2_256_ddim50", "dit_MODEL_SIZE_forward (e.g. dit_xl2_256_forward)",
-         "user_path_dit", "user_path_uvit", "smoke")
+         "user_path_dit", "user_path_dit_taylorseer", "user_path_uvit", "digits_schedules", "smoke")
 VARIANTS = ("dit_xl2_256_ddim20", "dit_xl2_256_ddim50", "dit_xl2_256_forward", "dit_xl2_512_forward",
-            "user_path_dit", "user_path_uvit", "smoke")
+            "user_path_dit", "user_path_dit_taylorseer", "user_path_uvit", "digits_schedules", "smoke")
 
 
 def released_router(name: str) -> str:
@@ -66,6 +73,8 @@ def sample_benchmark(steps=20):
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=steps, cfg_scale=4.0, eta=0.0, guidance_channels=3))
     c.router = ml_collections.ConfigDict(dict(checkpoint=released_router(f"ddim{steps}"), kind="dit-ddim",
                                               threshold=0.1, seed=0))
+    c.schedule = ""           # any caching method instead of the router's schedule, e.g. "taylorseer:3/2"
+    c.history_dtype = ""      # a forecast's derivative terms: "" = float32, or "bfloat16"
     c.labels = (207, 992, 387, 974, 142, 979, 417, 279)  # the original sample.py's
     c.batch_size = 1          # images per batch (the model sees 2x with CFG)
     c.dtype = "float32"       # or "bfloat16"
@@ -109,17 +118,43 @@ def forward_benchmark(model="DiT-XL/2", image_size=256):
     return c
 
 
-def user_path_benchmark(family):
+def user_path_benchmark(family, schedule=""):
     c = ml_collections.ConfigDict()
     c.mode = "user_path"
     c.family = family         # the model, VAE and sampling config: l2c_jax/bench/user_path.py's FAMILIES
-    c.router = released_router({"dit": "ddim20", "uvit": "dpm20"}[family])  # the released router file
+    # The released router file; none where a caching method's schedule is sampled instead.
+    c.router = "" if schedule else released_router({"dit": "ddim20", "uvit": "dpm20"}[family])
+    c.schedule = schedule     # e.g. "taylorseer:3/2" (any caching method; "" = the router's)
+    c.history_dtype = ""      # a forecast's derivative terms: "" = float32, or "bfloat16"
     c.batch_size = 2
     c.repeats = 1  # timed runs after the first (compiling) one
     c.dtype = "float32"
     c.strategy = {"dit": "auto", "uvit": "static"}[family]  # each sampling config's own default
     c.workdir = f"out/bench_user_path_{family}"
     c.output = ""  # a JSON-lines file to append the row to
+    return c
+
+
+def schedules_benchmark():
+    from l2c_jax.configs.digits_dit import ARCH
+    from l2c_jax.resources import asset
+
+    c = ml_collections.ConfigDict()
+    c.name = "digits_schedules_ddim50"
+    c.mode = "schedules"
+    c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
+    c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=50, guidance_channels=3))
+    c.routers = ml_collections.ConfigDict(dict(k4_taylor2_l1x5=asset("digits", "router_ddim50_k4_taylor2_l1x5.safetensors"),
+                                               l2c=asset("digits", "router_ddim50.safetensors")))
+    c.threshold = 0.5
+    c.schedules = ("fora:4", "fora:6", "taylorseer:4/2", "taylorseer:6/2", "l2c:k4_taylor2_l1x5", "l2c:l2c")
+    c.history_dtypes = ("bfloat16",)  # forecasting schedules again, their history in these dtypes
+    c.batch_size = 1000
+    c.repeats = 3             # interleaved rounds (full and every schedule each round)
+    c.strategy = "static"     # runtime, compile excluded: a reused unit is absent from its step's graph
+    c.seed = 0
+    c.compilation_cache_dir = "default"
+    c.output = "out/bench/digits_schedules.jsonl"
     return c
 
 
@@ -150,6 +185,14 @@ def get_config(arg=None):
         return sample_benchmark(int(arg[-2:]))
     if arg in ("user_path_dit", "user_path_uvit"):
         return user_path_benchmark(arg[len("user_path_"):])
+    if arg == "digits_schedules":
+        return schedules_benchmark()
+    if arg == "user_path_dit_taylorseer":  # DiT-XL/2, DDIM 20, batch 8 with guidance, TaylorSeer 3/2, bf16 history
+        c = user_path_benchmark("dit", schedule="taylorseer:3/2")
+        c.batch_size = 8
+        c.history_dtype = "bfloat16"
+        c.workdir = "out/bench_user_path_dit_taylorseer"
+        return c
     m = re.fullmatch(r"dit_(xl|l|b|s)([248])_(256|512)_forward", arg)
     model = m and f"DiT-{m[1].upper()}/{m[2]}"
     if model not in DIT_VARIANTS:

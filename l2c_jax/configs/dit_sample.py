@@ -16,6 +16,9 @@ The variant after `:` names the run:
   no VAE) and its router for N = 20 or 50: 1,000 images with labels drawn
   per image, written to samples.npz. Nothing to download; the multi-process
   tests and README examples run it.
+- `..._taylorseerN`: instead of `_l2c`, TaylorSeer's forecast every N-th
+  step, second order (`--config.schedule=taylorseer:N/2`; any caching method
+  works through `--config.schedule`, e.g. `fora:3`, `l2c:0.3`).
 - `smoke`: a randomly initialised pixel-space DiT (16x16 RGB, 4 blocks), no
   checkpoint, no VAE: the whole sampling path in seconds on a CPU. Set
   `--config.model.checkpoint=DIR --config.model.random_init=False` to sample
@@ -38,11 +41,13 @@ from l2c_jax.resources import asset
 RELEASED_ROUTERS = {(256, 20): "ckpt/DDIM20_router.pt", (256, 50): "ckpt/DDIM50_router.pt"}
 THRESHOLDS = {(256, 50): 0.1, (256, 20): 0.1, (256, 10): 0.1, (512, 50): 0.9}
 
-FORMS = ("MODEL_SIZE_ddimN[_l2c] with MODEL xl2|l2|b2|s2|xl4|..., SIZE 256|512 (e.g. xl2_256_ddim20_l2c)",
+FORMS = ("MODEL_SIZE_ddimN[_l2c|_taylorseerK] with MODEL xl2|l2|b2|s2|xl4|..., SIZE 256|512 "
+         "(e.g. xl2_256_ddim20_l2c, xl2_256_ddim20_taylorseer3)",
          "digits_ddim20[_l2c]", "digits_ddim50[_l2c]", "smoke")
 VARIANTS = (tuple(f"xl2_{s}_ddim{n}{l}" for s in (256, 512) for n in (10, 20, 50) for l in ("", "_l2c"))
             + tuple(f"digits_ddim{n}{l}" for n in (20, 50) for l in ("", "_l2c")) + ("smoke",))
-_PATTERN = r"(?P<size>xl|l|b|s)(?P<patch>[248])_(?P<image>256|512)_ddim(?P<steps>[1-9][0-9]*)(?P<l2c>_l2c)?"
+_PATTERN = (r"(?P<size>xl|l|b|s)(?P<patch>[248])_(?P<image>256|512)_ddim(?P<steps>[1-9][0-9]*)"
+            r"(?:(?P<l2c>_l2c)|_taylorseer(?P<taylor>[1-9][0-9]*))?")
 
 
 def base(image_size=256, steps=20, l2c=False, model="DiT-XL/2"):
@@ -60,6 +65,10 @@ def base(image_size=256, steps=20, l2c=False, model="DiT-XL/2"):
     c.router = ml_collections.ConfigDict(dict(checkpoint=router, kind="dit-ddim",
                                               threshold=THRESHOLDS.get((image_size, steps), 0.1),
                                               retarget=False))  # True: a router of another step count, interpolated
+    # Any caching method's schedule instead of the router's (l2c_jax.methods): "taylorseer:3/2", "fora:3",
+    # "l2c:0.3" (the router above at another threshold), ...; "" = the router's, or none.
+    c.schedule = ""
+    c.history_dtype = ""  # a forecast's derivative terms: "" = float32, or "bfloat16" (half the memory)
     # The original sample.py's labels; set num_samples (and labels=()) for random labels, e.g. 50k for FID.
     c.labels = (207, 992, 387, 974, 142, 979, 417, 279)
     c.num_samples = 0
@@ -123,4 +132,8 @@ def get_config(arg=None):
     model = m and f"DiT-{m['size'].upper()}/{m['patch']}"
     if model not in DIT_VARIANTS:
         raise common.unknown("dit_sample.py", arg, FORMS)
-    return base(int(m["image"]), int(m["steps"]), bool(m["l2c"]), model)
+    c = base(int(m["image"]), int(m["steps"]), bool(m["l2c"]), model)
+    if m["taylor"]:
+        c.schedule = f"taylorseer:{m['taylor']}/2"
+        c.workdir = c.workdir + f"_taylorseer{m['taylor']}"
+    return c

@@ -54,8 +54,10 @@ def get_config(arg=None):
         error_ranked=("l2c", 0.5, 0.35),
         random=(0, 1),
         fewer_steps=(0.35, 0.5, 0.7),
-        taylorseer=("2/1", "2/2", "3/2", "4/2", "l2c/2"),
+        taylorseer=("2/1", "2/2", "3/2", "4/2", "6/2", "l2c/2"),
     ))
+    # Every forecasting schedule again with its history (d1, d2) in these dtypes (the cache stays float32).
+    c.history_dtypes = ("bfloat16",)
     c.only = ""  # e.g. "full,l2c,fora": run only these methods
     c.bfloat16_rows = True  # full and L2C in bfloat16 as well
     c.num_samples = 1000

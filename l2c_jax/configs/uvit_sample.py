@@ -62,6 +62,7 @@ def base(image_size=256, nfe=20, l2c=False, model="U-ViT-H/2"):
     c.dtype = "float32"
     # static: a program per distinct mask (README's measured U-ViT figures); cond: one program with every
     # sub-layer behind lax.cond (compiles once; not yet measured for U-ViT); auto = cond on CPU and GPU, static elsewhere.
+    c.schedule = ""  # "l2c:T" (the router at threshold T) or "full"; U-ViT has no other caching method yet
     c.strategy = "static"
     c.workdir = f"out/uvit_{tag}_{image_size}_nfe{nfe}{'_l2c' if l2c else ''}"
     c.grid = "samples.png"

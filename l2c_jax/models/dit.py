@@ -59,6 +59,11 @@ class DiTConfig:
     def conditional(self) -> bool:
         return self.num_classes > 0
 
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the label table has the null-class row guidance and dropped labels use (class dropout > 0)."""
+        return self.class_dropout_prob > 0
+
     @classmethod
     def from_name(cls, name: str, **kw) -> "DiTConfig":
         depth, hidden, patch, heads = DIT_VARIANTS[name]
@@ -146,7 +151,7 @@ class DiT(nn.Module):
         tokens = tokens + pos_embed.astype(self.dtype)
 
         temb = TimestepEmbedder(cfg.hidden_size, dtype=self.dtype, freq_shift=cfg.freq_shift, name="t_embedder")(t)
-        table_rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
+        table_rows = cfg.num_classes + int(cfg.has_null_class)
         yemb = LabelEmbedder(table_rows, cfg.hidden_size, dtype=self.dtype, name="y_embedder")(y)
         c = temb + yemb
 

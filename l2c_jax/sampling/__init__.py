@@ -1,4 +1,4 @@
-"""`l2c_jax.sample`: sampling with (or without) the learned layer cache.
+"""`l2c_jax.sample`: sampling with (or without) the learned layer cache, or any caching method's schedule.
 
 Samplers are built once per model and kept on it (`Model.samplers`), keyed by
 what changes their graphs: family, solver, steps, strategy, whether guidance
@@ -10,19 +10,23 @@ changes `cfg_scale`, compiles nothing. The samplers live as long as the model.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from l2c_jax import compile_cache
 from l2c_jax.errors import ConfigError
 from l2c_jax.sampling.base import STRATEGIES, computed_share, resolve_strategy
 from l2c_jax.sampling.dit import DiTSampler
 from l2c_jax.sampling.uvit import UViTSampler
+from l2c_jax.schedule import Schedule, from_router, parse_spec
 
-__all__ = ["DiTSampler", "UViTSampler", "STRATEGIES", "computed_share", "resolve_strategy", "sample", "sampler_for",
-           "router_masks", "as_router", "is_guided", "sampler_class"]
+__all__ = ["DiTSampler", "UViTSampler", "STRATEGIES", "Schedule", "computed_share", "resolve_strategy", "sample",
+           "sampler_for", "resolve_schedule", "router_masks", "as_router", "is_guided", "sampler_class"]
 
 # Each family's sampler, by the family name a model carries (a plain table: nothing registers).
 SAMPLERS = {cls.family: cls for cls in (DiTSampler, UViTSampler)}
@@ -36,20 +40,91 @@ def sampler_class(family: str):
 
 
 def router_masks(model, router, threshold, steps: int):
-    """The router's per-step masks after checking it belongs to this model and step count."""
+    """The router's per-step masks after checking it belongs to this model and step count
+    (`l2c_jax.schedule.from_router`, which also carries its forecast and anchors)."""
+    return _router_schedule(model, router, threshold, steps).masks
+
+
+def _router_kind(model) -> str:
     want = ROUTER_KINDS.get(model.family)
-    if router.kind != want:
-        raise ConfigError(f"a {router.kind} router cannot drive a {model.family} model (needs {want})")
-    if router.num_units != model.num_units:
-        raise ConfigError(f"router has {router.num_units} columns, the model has {model.num_units} sub-layers")
-    if router.steps != steps:
-        raise ConfigError(f"router was trained for {router.steps} steps, sampling uses {steps} (retarget it: "
-                          f"--config.router.retarget=True, or convert/router.py --steps {steps})")
-    if threshold is None:
-        threshold = router.threshold
-    if threshold is None:
-        raise ConfigError("a router needs a threshold (the released DiT routers use 0.1, U-ViT 0.9)")
-    return router.masks(threshold)
+    if want is None:
+        raise ConfigError(f"no router kind for model family {model.family!r}")
+    return want
+
+
+def _router_schedule(model, router, threshold, rows: int, retarget: bool = False,
+                     skip_type: str = "time_uniform") -> Schedule:
+    return from_router(as_router(router, model), kind=_router_kind(model), num_units=model.num_units, rows=rows,
+                       threshold=threshold, retarget=retarget, skip_type=skip_type)
+
+
+def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: Optional[float] = None, masks=None,
+                     forecast: Optional[str] = None, retarget: bool = False, routers=None, calibration=None,
+                     skip_type: str = "time_uniform") -> Schedule:
+    """The one path from what a caller gave to the `Schedule` a sampler runs.
+
+    schedule: a `Schedule`, or a caching method by name and setting ("l2c",
+    "l2c:0.3", "l2c:k4_taylor2", "fora:3", "taylorseer:3/2", "fewer_steps:10",
+    ...; `l2c_jax.methods`), whose "l2c" reads `router`, and "l2c:NAME[@T]" the
+    router `routers[NAME]` or the router file NAME;
+    router: a path or `Router`, thresholded at `threshold` (default: its own),
+    retargeted to the sampler's step count when `retarget`; masks: a user's own
+    (rows, units) bools. At most one of the three; none: every unit computes.
+    forecast: overrides how reused units are formed ("copy", "taylor1",
+    "taylor2"); by default a router's own, TaylorSeer's, or copies.
+    calibration: {num_samples, seed} of the full trajectories SmoothCache and
+    the error ranking calibrate on (default 64 images, seed 1000).
+    A `fewer_steps` schedule runs another step count (`Schedule.steps`): sample
+    it with a sampler of that many steps.
+    """
+    from l2c_jax.methods import Context, make_schedule, unit_changes
+
+    given = [n for n, v in (("schedule", schedule), ("router", router), ("masks", masks)) if v is not None
+             and not (n == "router" and isinstance(schedule, str))]
+    if len(given) > 1:
+        raise ConfigError(f"pass one of schedule, router or masks, not {' and '.join(given)}")
+    if threshold is not None and router is None:
+        raise ConfigError("threshold applies to a router; none was given")
+    rows = sampler.rows
+    named = dict(routers or {})
+
+    def router_schedule(name, thr):
+        r = router if not name else named.get(name) or (name if os.path.exists(name) else None)
+        if r is None:
+            raise ConfigError(f"schedule needs a router{' named ' + repr(name) if name else ''}: pass router= "
+                              f"(--config.router.checkpoint){' or routers=' if name else ''}")
+        routed = _router_schedule(model, r, threshold if thr is None else thr, rows, retarget, skip_type)
+        sampler.check_router_masks(routed.masks)
+        return routed
+
+    if isinstance(schedule, Schedule):
+        result = schedule
+    elif isinstance(schedule, str):
+        name, setting = parse_spec(schedule)
+        if model.family != "dit" and name not in ("full", "l2c"):
+            raise ConfigError(f"the caching methods run on DiT models for now; a {model.family} model samples "
+                              "'full' or 'l2c'")
+        cal = dict(num_samples=64, seed=1000, **dict(calibration or {}))
+
+        def changes():
+            from l2c_jax.sampling.draws import sample_noise
+
+            n, cfg = int(cal["num_samples"]), model.config
+            noise = sample_noise(int(cal["seed"]), np.arange(n), (cfg.input_size, cfg.input_size, cfg.in_channels))
+            return unit_changes(sampler, noise, np.arange(n) % cfg.num_classes)
+
+        ctx = Context(num_units=model.num_units, steps=rows, router_schedule=router_schedule,
+                      changes=functools.lru_cache(maxsize=1)(changes))
+        result = make_schedule(ctx, name, setting)
+    elif router is not None:
+        result = router_schedule("", None)
+    elif masks is not None:
+        result = Schedule(masks=np.asarray(masks, bool), num_units=model.num_units)
+    else:
+        result = Schedule(method="full", steps=rows, num_units=model.num_units)
+    if forecast is not None:
+        result = dataclasses.replace(result, forecast=forecast)
+    return result
 
 
 def as_router(router, model=None):
@@ -88,7 +163,7 @@ def sampler_for(model, solver: str, steps: int, guided: bool, strategy: str = "s
         raise ConfigError(f"{model.family} samples with {' | '.join(map(repr, cls.solvers))}, not {solver!r}")
     if "cache_dtype" in kw and kw["cache_dtype"] is not None:
         kw["cache_dtype"] = jnp.dtype(kw["cache_dtype"]).name
-    strategy = resolve_strategy(strategy)
+    strategy = "auto" if strategy in (None, "", "auto") else resolve_strategy(strategy)
     samplers = getattr(model, "samplers", None)
     if samplers is None:  # a Model look-alike without the cache: build every time
         samplers = {}
@@ -102,33 +177,42 @@ def sampler_for(model, solver: str, steps: int, guided: bool, strategy: str = "s
 
 def sample(model, noise, y, solver: str = "ddim", steps: int = 50, cfg_scale: Optional[float] = None,
            router=None, threshold: Optional[float] = None, masks=None, key=None, progress: bool = False,
-           strategy: str = "static", **kw):
+           strategy: str = "static", schedule=None, **kw):
     """Samples latents (API.md). With a router, the original's cache schedule applies.
 
     DiT: solver "ddim" | "ddpm", `steps` sampler steps, CFG as `forward_with_cfg`
     (None or 1.0 = no guidance). U-ViT: solver "dpm_solver2" (also dpm_solver1/3,
     dpm_solver2m), `steps` = NFE per branch, CFG `cond + s*(cond - uncond)`.
     router: a path (released .pt/.pth or the project's format) or a `Router`,
-    thresholded at `threshold` (default: the router's own).
+    thresholded at `threshold` (default: the router's own); a router trained
+    with forecasts samples with them.
     masks: instead of a router, a schedule of your own: (model evaluations,
     2*num_blocks) bools in sampling order (DiT DDIM: `steps` rows; U-ViT
     DPM-Solver-2: NFE rows, cond and uncond of one evaluation share a row).
+    schedule: instead, any caching method by name and setting ("taylorseer:3/2",
+    "fora:3", "l2c:0.3", ... `l2c_jax.methods`; "l2c" reads `router`) or a
+    `l2c_jax.schedule.Schedule` (`resolve_schedule` says how each becomes one).
     strategy: "static" (one graph per distinct mask), "cond" (one graph with each
     sub-layer behind lax.cond), or "auto" (the backend's measured default).
-    kw: sampler options (DiT: eta, guidance_channels, respacing, cache_dtype, ...;
-    U-ViT: skip_type, batch_cfg, cache_dtype, ...). key: DiT's DDPM / eta > 0 noise (DPM-Solver draws none).
+    kw: sampler options (DiT: eta, guidance_channels, respacing, cache_dtype,
+    history_dtype, ...; U-ViT: skip_type, batch_cfg, cache_dtype, ...), and
+    `forecast` (overrides the schedule's), `retarget` (a router of another step
+    count, interpolated), `routers` (name -> router, for "l2c:NAME"). key:
+    DiT's DDPM / eta > 0 noise (DPM-Solver draws none).
     """
+    forecast = kw.pop("forecast", None)
+    routers = kw.pop("routers", None)
+    retarget = bool(kw.pop("retarget", False))
     if router is not None and masks is not None:
         raise ConfigError("pass a router or masks, not both")
-    if threshold is not None and router is None:
-        raise ConfigError("threshold applies to a router; none was given")
     compile_cache.ensure_enabled()
     guided = is_guided(model.family, cfg_scale)
     sampler = sampler_for(model, solver, steps, guided, strategy, **kw)
-    extra = {}
-    if router is not None:
+    if router is not None and schedule is None:
         router = as_router(router, model)
-        masks = router_masks(model, router, threshold, sampler.rows)
-        if router.forecast != "copy":  # a router trained with forecasts samples with them
-            extra["forecast"] = router.forecast
-    return sampler(noise, y, masks, key=key, progress=progress, cfg_scale=cfg_scale if guided else None, **extra)
+    sched = resolve_schedule(model, sampler, schedule, router=router, threshold=threshold, masks=masks,
+                             forecast=forecast, routers=routers, retarget=retarget,
+                             skip_type=kw.get("skip_type", "time_uniform"))
+    if sched.steps is not None and int(sched.steps) != sampler.rows:  # fewer_steps: a sampler of its own
+        sampler = sampler_for(model, solver, int(sched.steps), guided, strategy, **kw)
+    return sampler(noise, y, sched, key=key, progress=progress, cfg_scale=cfg_scale if guided else None)

@@ -119,6 +119,8 @@ class Sampler:
         return masks
 
     def _init_steps(self, strategy: str, cache_dtype=None):
+        # "auto" may still choose per schedule (DiT: forecasting schedules run static graphs).
+        self.auto_strategy = strategy in (None, "", "auto")
         self.strategy = resolve_strategy(strategy)
         self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
         self._compiled = {}
@@ -140,9 +142,9 @@ class Sampler:
     def _rows(self, x) -> int:
         raise NotImplementedError
 
-    def mask_arg(self, mask):
+    def mask_arg(self, mask, strategy: Optional[str] = None):
         """The traced mask array of "cond" (kept per mask), None for "static" (the mask is in the key)."""
-        if self.strategy != "cond":
+        if (strategy or self.strategy) != "cond":
             return None
         if mask not in self._mask_arrays:
             n = self.model.num_units

@@ -1,21 +1,27 @@
 """DiT sampling with the learned cache: DDIM (or ancestral DDPM) over a respaced schedule.
 
-Each sampler step is one jitted function of (params, x, cache, index, labels,
-noise, scale, mask). With the "static" strategy the cache mask of a step is
-static, so every distinct mask compiles once and a reused sub-layer is absent
-from that step's graph; with "cond" one graph takes the mask as an array
-(`l2c_jax.sampling.base`). The feature cache is an explicit pytree carried
-from one step to the next; a static step whose successor reuses nothing does
-not return it, so XLA need not keep those activations alive. The latents and
-the cache are donated to each step (their buffers are reused for the step's
-outputs), so memory stays flat however many steps run; `cache_dtype` (e.g.
-bfloat16) keeps the carried cache narrower than the computation. The
-guidance scale is an argument of the compiled step, not a constant in it:
-changing it compiles nothing.
+Each sampler step is one jitted function of (params, x, cache, history,
+coefficients, step, index, labels, noise, scale, mask). It consumes a
+`Schedule` (`l2c_jax.schedule`): with the "static" strategy the cache mask of
+a step is static, so every distinct mask compiles once and a reused sub-layer
+is absent from that step's graph; with "cond" one graph takes the mask as an
+array (`l2c_jax.sampling.base`). The feature cache is an explicit pytree
+carried from one step to the next; a static step whose successor reads
+nothing of it does not return it, so XLA need not keep those activations
+alive. A forecasting schedule (TaylorSeer, a router trained with forecasts)
+is planned once (`l2c_jax.sampling.forecast`): its history is carried the
+same way, holding only the terms later steps read, and each reused unit's
+forecast is formed inside the step's graph, one dispatch per step. The
+latents, cache and history are donated to each step (their buffers are reused
+for the step's outputs), so memory stays flat however many steps run;
+`cache_dtype` / `history_dtype` (e.g. bfloat16) keep them narrower than the
+computation. The guidance scale is an argument of the compiled step, not a
+constant in it: changing it compiles nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -27,7 +33,34 @@ from l2c_jax.diffusion.gaussian import create_diffusion
 from l2c_jax.errors import ConfigError
 from l2c_jax.models.cache import check_mask
 from l2c_jax.sampling.base import Sampler, abstract, call_scale, cast_cache, computed_share
-from l2c_jax.sampling.forecast import Forecaster, check_forecast
+from l2c_jax.sampling.forecast import (ForecastPlan, StepPlan, TracedPlan, check_forecast, forecast_order,
+                                       history_bytes, plan_forecast, step_entries, step_history)
+from l2c_jax.schedule import Schedule
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A schedule as a sampler runs it: per-step masks, the forecast plan and its coefficient tables on the
+    device (built once per distinct schedule and kept)."""
+
+    schedule: Schedule
+    masks: list  # per step: None (all computed) or a tuple of bools
+    plan: Optional[ForecastPlan] = None
+    coef: Optional[dict] = None
+    strategy: str = "static"  # how this sampler runs it
+
+
+def as_schedule(schedule=None, forecast: Optional[str] = None) -> Schedule:
+    """A `Schedule` from what a sampler call was given: a Schedule, (steps, units) masks, or None (full);
+    `forecast` overrides the schedule's own (masks alone copy)."""
+    if isinstance(schedule, Schedule):
+        if forecast is not None and check_forecast(forecast) != schedule.forecast:
+            schedule = dataclasses.replace(schedule, forecast=forecast)
+        return schedule
+    if schedule is not None and not hasattr(schedule, "shape") and not isinstance(schedule, (list, tuple)):
+        raise ConfigError(f"a schedule is a l2c_jax Schedule or (steps, units) masks, got {type(schedule).__name__}")
+    return Schedule(masks=None if schedule is None else np.asarray(schedule, bool),
+                    forecast=check_forecast(forecast))
 
 
 class DiTSampler(Sampler):
@@ -40,6 +73,8 @@ class DiTSampler(Sampler):
     the scale given here is the default of `__call__`, which may pass another.
     cache_dtype: dtype of the feature cache carried between steps (None: the
     model's computation dtype); reused values are cast back before use.
+    history_dtype: dtype a forecast's derivative terms are kept in (None:
+    float32); the forecast itself is formed in float32.
     strategy: "static" (a graph per distinct mask), "cond" (one graph, each
     unit behind `lax.cond`) or "auto" (the backend's default; `l2c_jax.sampling.base`).
     """
@@ -51,7 +86,7 @@ class DiTSampler(Sampler):
 
     def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,
                  eta: float = 0.0, respacing: Optional[str] = None, guidance_channels: Optional[int] = 3,
-                 noise_schedule: str = "linear", cache_dtype=None, strategy: str = "static"):
+                 noise_schedule: str = "linear", cache_dtype=None, history_dtype=None, strategy: str = "static"):
         if model.family != "dit":
             raise ConfigError(f"DiTSampler needs a DiT model, got {model.family}")
         if solver not in ("ddim", "ddpm"):
@@ -61,6 +96,9 @@ class DiTSampler(Sampler):
         self.model = model.on_devices()
         self.solver = solver
         self.cfg_scale = None if cfg_scale is None or float(cfg_scale) == 1.0 else float(cfg_scale)
+        if self.cfg_scale is not None and not model.config.has_null_class:
+            raise ConfigError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs a null-class row, and this "
+                              "DiT has none (trained with class dropout 0): sample with cfg_scale=1")
         self.eta = float(eta)
         self.guidance_channels = guidance_channels
         # The original samples with create_diffusion(str(num_sampling_steps)).
@@ -68,6 +106,8 @@ class DiTSampler(Sampler):
                                           learn_sigma=model.config.learn_sigma)
         self.steps = self.diffusion.num_timesteps
         self._init_steps(strategy, cache_dtype)
+        self.history_dtype = jnp.dtype(history_dtype or jnp.float32)
+        self._prepared = {}
 
     @property
     def rows(self) -> int:
@@ -85,52 +125,170 @@ class DiTSampler(Sampler):
     def describe(self) -> tuple:
         return f"{self.steps} {self.solver.upper()} steps", f"{self.steps} x {self.model.num_units}"
 
+    # ------------------------------------------------------------------ schedules
+    def schedule_of(self, schedule=None, forecast: Optional[str] = None) -> Prepared:
+        """The schedule (a `Schedule`, (steps, units) masks or None) checked against this sampler and
+        prepared: per-step masks, and for a forecast its plan (`sampling.forecast.plan_forecast`)."""
+        sched = as_schedule(schedule, forecast)
+        key = sched.key()
+        if key in self._prepared:
+            return self._prepared[key]
+        units = self.model.num_units
+        if sched.masks is None:
+            if sched.steps is not None and int(sched.steps) != self.steps:
+                raise ConfigError(f"schedule {sched.describe()!r} runs {sched.steps} steps, this sampler "
+                                  f"{self.steps}: sample with steps={sched.steps}")
+            prepared = Prepared(sched, [None] * self.steps, strategy=self.strategy)
+        else:
+            if sched.masks.shape != (self.steps, units):
+                raise ConfigError(f"cache masks have shape {sched.masks.shape}, the sampler needs "
+                                  f"({self.steps}, {units}) (steps, sub-layers)")
+            masks = [check_mask(m, units) for m in sched.masks]
+            if masks[0] is not None:
+                raise ConfigError("the first sampler step must compute every sub-layer (there is no cache yet)")
+            plan = None
+            if sched.forecasts:
+                plan = plan_forecast(sched.masks, sched.anchor_rows(), forecast_order(sched.forecast))
+            coef = None if plan is None else {k: jnp.asarray(v) for k, v in plan.coeffs.items()}
+            # "auto" runs forecasting schedules as static graphs: under "cond" the forecast, formed for every
+            # unit ahead of its conditional, measured 1.8x slower on the CPU (TaylorSeer 4/2, digits DiT).
+            strategy = "static" if plan is not None and self.auto_strategy else self.strategy
+            prepared = Prepared(sched, masks, plan, coef, strategy)
+        self._prepared[key] = prepared
+        return prepared
+
+    def history_bytes(self, schedule=None, batch: int = 1) -> dict:
+        """Peak bytes of forecast history for `batch` images, beside all-units float32 history
+        (`sampling.forecast.history_bytes`); zeros for schedules that copy."""
+        prepared = self.schedule_of(schedule)
+        cfg = self.model.config
+        rows = batch * (2 if self.cfg_scale is not None else 1)
+        shape = (rows, (cfg.input_size // cfg.patch_size) ** 2, cfg.hidden_size)
+        return history_bytes(prepared.plan, shape, self.history_dtype, self.cache_dtype or self.model.dtype,
+                             traced=prepared.strategy == "cond")
+
     # ------------------------------------------------------------------ steps
-    def _step(self, params, x, cache, i, y, noise, cfg_scale, mask_arr, *, mask, keep_cache):
+    def _step(self, params, x, cache, hist, hist_read, coef, s, i, y, noise, cfg_scale, mask_arr, *, mask,
+              keep_cache, plan, order):
         mask = mask_arr if mask_arr is not None else mask
         t = jnp.broadcast_to(self.diffusion.model_timesteps(i), (x.shape[0],))
+        stored = cache
         cache = cast_cache(cache, self.model.dtype if self.cache_dtype is not None else None)
+        hist = {**hist, **hist_read}
+        # The forecast is formed inside this graph from the carried history; reused units come out of the model
+        # as their forecast values (the cache keeps each unit's latest value).
+        entries = cache if plan is None else step_entries(plan, cache, hist, coef, s)
         if cfg_scale is None:
-            out, new_cache = self.model.apply(params, x, t, y, cache, mask)
+            out, new_cache = self.model.apply(params, x, t, y, entries, mask)
         else:
-            out, new_cache = self.model.apply_cfg(params, x, t, y, cfg_scale, cache, mask,
+            out, new_cache = self.model.apply_cfg(params, x, t, y, cfg_scale, entries, mask,
                                                   guidance_channels=self.guidance_channels)
         if self.solver == "ddim":
             x = self.diffusion.ddim_step(out, x, i, eta=self.eta, noise=noise)
         else:
             x = self.diffusion.ddpm_step(out, x, i, noise)
-        return x, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None)
+        if plan is not None:
+            hist = step_history(plan, stored, new_cache, hist, coef, s, self.history_dtype)
+        cache = cast_cache(new_cache, self.cache_dtype) if keep_cache else None
+        terms = tuple(hist[k] for k in order.out) if plan is not None else ()
+        # Outputs in the arrangement's order: jax hands donated buffers to outputs of the same type in order.
+        return (x, terms, cache) if order.history_first else (x, cache, terms)
 
-    def _plan(self, schedule, carry: bool = False, keep_history: bool = False) -> list:
-        # static: (mask, keep the cache for the next step, a cache comes in, donate it); cond: one graph, cache
-        # always carried. carry: every step returns its units (a forecast or a calibration reads each value).
-        # keep_history: the incoming cache is not donated (a forecaster holds those buffers).
-        if self.strategy == "cond":
-            return [("cond", True, True, not keep_history)] * len(schedule)
+    def _plan(self, prepared, carry: bool = False) -> list:
+        # static: (mask, keep the cache for the next step, a cache comes in, the step's forecast plan);
+        # cond: one graph per forecast layout, cache always carried. carry: every step returns its units
+        # (on_step reads each value).
+        plan = prepared.plan
+        if prepared.strategy == "cond":
+            return [("cond", True, True, None if plan is None else plan.traced())] * len(prepared.masks)
         keys, has_cache = [], False
-        for s, m in enumerate(schedule):
-            keep = carry or (s + 1 < len(schedule) and schedule[s + 1] is not None)
-            keys.append((m, keep, has_cache, not keep_history))
+        n = len(prepared.masks)
+        for s, m in enumerate(prepared.masks):
+            if s + 1 < n:
+                needed = plan.cache_needed[s + 1] if plan is not None else prepared.masks[s + 1] is not None
+            else:
+                needed = False
+            keep = carry or needed
+            keys.append((m, keep, has_cache, None if plan is None else plan.steps[s]))
             has_cache = keep
         return keys
 
+    def _arrange(self, key) -> "Arrangement":
+        """How a step passes and returns its buffers so that XLA updates them in place, without copies.
+
+        Usually the cache and the history are donated and come back in the same order (a reused unit's
+        forecast is written over its latest value, terms pass through). An anchor that derives terms reads
+        the incoming cache, d1 and d2 after its new values exist, and XLA's CPU backend fuses d1 and d2 in
+        separate loops: there the new values take fresh buffers, old d1's buffer takes the new d2 and old
+        d2's the new d1 (each loop then overwrites only what it alone reads), and p is only read.
+        """
+        _, keep, has_cache, plan = key
+        hist_in, hist_out = _layouts(plan)
+        cd, hd = jnp.dtype(self.cache_dtype or self.model.dtype), self.history_dtype
+        units = self.model.num_units
+
+        def dtype(k):
+            return cd if k[0] == "p" else hd
+
+        derives = isinstance(plan, StepPlan) and plan.anchor and any(plan.derive)
+        if derives:
+            out = tuple(k for k in hist_out if k[0] == "d2") + tuple(k for k in hist_out if k[0] == "d1") + \
+                tuple(k for k in hist_out if k[0] == "p")
+            donated = tuple(k for k in hist_in if k[0] != "p")
+            cache_in = 0
+        else:
+            out, donated, cache_in = tuple(hist_out), tuple(hist_in), units if has_cache else 0
+        # Donate a group only where every buffer of it finds an output of its type (no unusable donations).
+        free = {}
+        for d, n in [(cd, units if keep else 0)] + [(dtype(k), 1) for k in out]:
+            free[d] = free.get(d, 0) + n
+        donate_cache = cache_in > 0 and free.get(cd, 0) >= cache_in
+        if donate_cache:
+            free[cd] -= cache_in
+        need = {}
+        for k in donated:
+            need[dtype(k)] = need.get(dtype(k), 0) + 1
+        if not all(free.get(d, 0) >= n for d, n in need.items()):
+            donated = ()
+        read = tuple(k for k in hist_in if k not in donated)
+        return Arrangement(donated, read, out, derives, donate_cache)
+
     def _build(self, key):
-        mask, keep, _, donate = key
+        mask, keep, has_cache, plan = key
         mask = None if mask == "cond" else mask
-        # x always, and the incoming cache where the step passes one on, give their buffers to the outputs.
-        return jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep),
-                       donate_argnums=(1, 2) if keep and donate else (1,))
+        order = self._arrange(key)
+        donate = [1] + ([2] if order.donate_cache else []) + ([3] if order.donated else [])
+        return jax.jit(functools.partial(self._step, mask=mask, keep_cache=keep, plan=plan, order=order),
+                       donate_argnums=tuple(donate))
+
+    def run_step(self, key, x, cache, hist, coef, s, i, y, noise, scale, mask_arr, aot_ok: bool = True):
+        """One step of `key`: (x, cache, history dict) after it."""
+        order = self._arrange(key)
+        x, a, b = self.run(key, self.model.params, x, cache, {k: hist[k] for k in order.donated},
+                           {k: hist[k] for k in order.read}, coef, s, i, y, noise, scale, mask_arr, aot_ok=aot_ok)
+        terms, cache = (a, b) if order.history_first else (b, a)
+        return x, cache, dict(zip(order.out, terms))
 
     def _rows(self, x) -> int:
         return int(x.shape[0]) // (2 if self.cfg_scale is not None else 1)
 
-    def _cache_units(self, rows: int, abstract_only: bool = False):
+    def _unit_shape(self, rows: int) -> tuple:
         cfg = self.model.config
-        shape = (rows, (cfg.input_size // cfg.patch_size) ** 2, cfg.hidden_size)
-        dtype = self.cache_dtype or self.model.dtype
+        return (rows, (cfg.input_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+    def _cache_units(self, rows: int, abstract_only: bool = False):
+        shape, dtype = self._unit_shape(rows), self.cache_dtype or self.model.dtype
         if abstract_only:
-            return (jax.ShapeDtypeStruct(shape, dtype),) * cfg.num_units
-        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_units))
+            return (jax.ShapeDtypeStruct(shape, dtype),) * self.model.num_units
+        return tuple(jnp.zeros(shape, dtype) for _ in range(self.model.num_units))
+
+    def _history(self, layout, rows: int, abstract_only: bool = False) -> dict:
+        shape = self._unit_shape(rows)
+        out = {}
+        for term, u in layout:
+            dtype = (self.cache_dtype or self.model.dtype) if term == "p" else self.history_dtype
+            out[(term, u)] = jax.ShapeDtypeStruct(shape, dtype) if abstract_only else jnp.zeros(shape, dtype)
+        return out
 
     def _lower(self, key, batch: int):
         cfg = self.model.config
@@ -138,33 +296,46 @@ class DiTSampler(Sampler):
         x = jax.ShapeDtypeStruct((rows, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
         y = jax.ShapeDtypeStruct((rows,), jnp.int32)
         cache = self._cache_units(rows, abstract_only=True) if key[2] else None
+        order = self._arrange(key)
+        hist = self._history(order.donated, rows, abstract_only=True)
+        hist_read = self._history(order.read, rows, abstract_only=True)
+        coef = None
+        if key[3] is not None:
+            n, u = self.steps, cfg.num_units
+            coef = {k: jax.ShapeDtypeStruct((n,) if k in ("dt", "anchor") else (n, u), jnp.float32)
+                    for k in COEFFICIENTS}
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        noise = x if self.draws_noise else None  # ancestral steps take their noise as an input
         scale = None if self.cfg_scale is None else jax.ShapeDtypeStruct((), jnp.float32)
         mask_arr = jax.ShapeDtypeStruct((cfg.num_units,), jnp.bool_) if key[0] == "cond" else None
-        return self.function(key).lower(abstract(self.model.params), x, cache, jax.ShapeDtypeStruct((), jnp.int32),
-                                        y, None, scale, mask_arr)
-
-    def schedule_of(self, masks=None) -> list:
-        """Normalised per-step masks in sampling order (None = compute everything)."""
-        if masks is None:
-            return [None] * self.steps
-        masks = np.asarray(masks, dtype=bool)
-        if masks.shape != (self.steps, self.model.num_units):
-            raise ConfigError(f"cache masks have shape {masks.shape}, the sampler needs "
-                              f"({self.steps}, {self.model.num_units}) (steps, sub-layers)")
-        out = [check_mask(m, self.model.num_units) for m in masks]
-        if out[0] is not None:
-            raise ConfigError("the first sampler step must compute every sub-layer (there is no cache yet)")
-        return out
+        return self.function(key).lower(abstract(self.model.params), x, cache, hist, hist_read, coef, scalar, scalar,
+                                        y, noise, scale, mask_arr)
 
     # ------------------------------------------------------------------ loop
-    def computed_share(self, masks=None) -> float:
+    def computed_share(self, schedule=None) -> float:
         """Share of sub-layer evaluations the schedule computes (1.0 without a cache)."""
-        return computed_share(masks, self.steps, self.model.num_units)
+        prepared = self.schedule_of(schedule)
+        return computed_share(prepared.schedule.masks, self.steps, self.model.num_units)
 
-    def __call__(self, noise, y, masks=None, key=None, progress: bool = False, cfg_scale="default",
-                 max_steps: int = 0, forecast: str = "copy", on_step=None, on_state=None):
+    def check_labels(self, y) -> None:
+        """Refuses labels outside the model's table (the null class only where the table has its row)."""
+        cfg = self.model.config
+        ylo, yhi = int(jnp.min(y)), int(jnp.max(y))
+        top = cfg.num_classes if cfg.has_null_class else cfg.num_classes - 1
+        if ylo < 0 or yhi > top:
+            what = (f"({cfg.num_classes} = null class)" if cfg.has_null_class
+                    else "(this DiT has no null-class row: it was trained with class dropout 0)")
+            raise ConfigError(f"labels must lie in [0, {top}] {what}, got {ylo}..{yhi}")
+
+    def __call__(self, noise, y, schedule=None, key=None, progress: bool = False, cfg_scale="default",
+                 max_steps: int = 0, forecast: Optional[str] = None, on_step=None, on_state=None, masks=None):
         """noise (B,H,W,C) float32, y (B,) int labels -> latents (B,H,W,C).
 
+        schedule: a `l2c_jax.schedule.Schedule` (masks, forecast, anchors), or
+        (steps, units) bool masks (`masks=` works too), or None (every unit).
+        forecast: how reused units are formed, overriding the schedule's own:
+        "copy" (the cache methods, L2C's included) or TaylorSeer's "taylor1" /
+        "taylor2" (`sampling.forecast`); masks alone copy.
         key: the PRNG key of DDPM / eta > 0 noise: one key for the batch, or one
         per sample ((B,) keys), whose step noise then depends on that key only.
 
@@ -172,15 +343,17 @@ class DiTSampler(Sampler):
         A sampler built without guidance samples without it; one built with
         guidance takes any scale, without compiling anything new.
         max_steps: run only the first `max_steps` steps (benchmarks time a prefix).
-        forecast: how a reused unit's value is formed: "copy" (the cache methods,
-        L2C's included) or TaylorSeer's "taylor1" / "taylor2" (`sampling.forecast`).
         on_step: called as on_step(step, units) after every step with the tuple of
-        the units' values the step left (computed or reused).
+        the units' values the cache keeps (computed, or a reused unit's last one).
         The next step takes those buffers over: copy what you keep.
         on_state: called as on_state(step, x) before every step with the state the
         step starts from ((B,H,W,C), the conditional half under guidance); the
         step takes x over too, so copy what you keep (np.asarray does).
         """
+        if masks is not None:
+            if schedule is not None:
+                raise ConfigError("pass a schedule or masks, not both")
+            schedule = masks
         scale = call_scale(self.cfg_scale, cfg_scale, off_value=1.0)
         noise = jnp.asarray(noise, jnp.float32)
         y = jnp.asarray(y, jnp.int32)
@@ -190,10 +363,7 @@ class DiTSampler(Sampler):
                               f"(B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels})")
         if y.shape != noise.shape[:1]:
             raise ConfigError(f"labels have shape {tuple(y.shape)} for a batch of {noise.shape[0]}")
-        ylo, yhi = int(jnp.min(y)), int(jnp.max(y))
-        if ylo < 0 or yhi > cfg.num_classes:
-            raise ConfigError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
-                              f"got {ylo}..{yhi}")
+        self.check_labels(y)
         if self.solver == "ddpm" or self.eta > 0:
             if key is None:
                 raise ConfigError(f"{self.solver} with eta={self.eta} draws noise: pass a PRNG key")
@@ -204,14 +374,13 @@ class DiTSampler(Sampler):
             y = jnp.concatenate([y, jnp.full_like(y, cfg.null_class)], 0)
         else:
             x = jnp.array(noise, copy=True)  # the steps donate x: never hand them the caller's array
-        schedule = self.schedule_of(masks)
-        forecaster = Forecaster(forecast, self.model.num_units) if check_forecast(forecast) != "copy" else None
-        plan = self._plan(schedule, carry=forecaster is not None or on_step is not None,
-                          keep_history=forecaster is not None)
-        cache = self._cache_units(x.shape[0]) if self.strategy == "cond" else None
+        prepared = self.schedule_of(schedule, forecast)
+        plan = self._plan(prepared, carry=on_step is not None)
+        cache = self._cache_units(x.shape[0]) if prepared.strategy == "cond" else None
+        hist = self._history(_layouts(plan[0][3])[0], x.shape[0])
         indices = self.diffusion.sampling_indices()
         if max_steps and max_steps < len(indices):
-            schedule, plan, indices = schedule[:max_steps], plan[:max_steps], indices[:max_steps]
+            plan, indices = plan[:max_steps], indices[:max_steps]
         it = enumerate(indices)
         if progress:
             from tqdm.auto import tqdm
@@ -227,16 +396,35 @@ class DiTSampler(Sampler):
                     step_noise = jnp.concatenate([step_noise, step_noise], 0)
             if on_state is not None:
                 on_state(s, x[:b])
-            if forecaster is not None:
-                cache = forecaster.inputs(s, schedule[s], cache)
-            x, cache = self.run(plan[s], self.model.params, x, cache, jnp.int32(i), y, step_noise,
-                                None if scale is None else jnp.float32(scale), self.mask_arg(schedule[s]),
-                                aot_ok=step_noise is None)
-            if forecaster is not None:
-                forecaster.update(s, schedule[s], cache)
+            x, cache, hist = self.run_step(plan[s], x, cache, hist, prepared.coef, jnp.int32(s), jnp.int32(i), y,
+                                           step_noise, None if scale is None else jnp.float32(scale),
+                                           self.mask_arg(prepared.masks[s], prepared.strategy))
             if on_step is not None:
                 on_step(s, cache)
         return x[:b]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrangement:
+    """How one step's history is passed (donated / only read) and returned (`DiTSampler._arrange`)."""
+
+    donated: tuple
+    read: tuple
+    out: tuple
+    history_first: bool
+    donate_cache: bool
+
+
+COEFFICIENTS = ("a1", "a2", "back1", "back2", "dt", "anchor", "derive1", "derive2", "prev_p", "save_p")
+
+
+def _layouts(plan) -> tuple:
+    """(history keys a step takes, history keys it returns) for a step's forecast plan (None: none)."""
+    if plan is None:
+        return (), ()
+    if isinstance(plan, TracedPlan):
+        return plan.layout, plan.layout
+    return plan.hist_in, plan.hist_out
 
 
 def _as_keys(key, batch: int):

@@ -50,6 +50,7 @@ from l2c_jax.diffusion.vp import DiscreteVPSchedule
 from l2c_jax.errors import ConfigError
 from l2c_jax.models.cache import check_mask
 from l2c_jax.sampling.base import Sampler, abstract, call_scale, cast_cache
+from l2c_jax.schedule import Schedule
 
 # solver name -> (method, order)
 SOLVERS = {
@@ -214,6 +215,7 @@ class UViTSampler(Sampler):
         the two counts coincide (one evaluation per step) both readings agree.
         """
         n, units = self.nfe, self.model.num_units
+        masks = _masks_of(masks)
         if masks is None:
             return np.ones((n, units), bool)
         masks = np.asarray(masks, dtype=bool)
@@ -325,6 +327,16 @@ class UViTSampler(Sampler):
         if state["e"] != len(schedule):  # the plan and the solver disagree on the NFE: a bug, not bad input
             raise AssertionError(f"ran {state['e']} model evaluations for a schedule of {len(schedule)}")
         return x
+
+
+def _masks_of(schedule):
+    """The masks of a schedule (a `Schedule` or masks); U-ViT samples with copies only, for now."""
+    if isinstance(schedule, Schedule):
+        if schedule.forecasts:
+            raise ConfigError(f"U-ViT samples cached units as copies; schedule {schedule.describe()!r} forecasts "
+                              f"({schedule.forecast})")
+        return schedule.masks
+    return schedule
 
 
 def sample_uvit(model, noise, y, steps: int, cfg_scale: Optional[float] = None, masks=None,

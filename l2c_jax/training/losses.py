@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax.errors import ConfigError
-from l2c_jax.sampling.forecast import forecast_order
+from l2c_jax.sampling.forecast import derive, forecast_entry, forecast_order, shift_coefficients
 
 
 def router_weights(prob_row, ste_threshold: Optional[float] = None):
@@ -57,15 +57,36 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     period-1 cache steps, each with its own router row, the state advanced by the router's
     own (interpolated) output, and trains all those rows together against the full model:
     the data loss and the L1 term are means over the cache steps (steps past the end of
-    sampling do not count). forecast "taylor1" / "taylor2": a reused unit takes the Taylor
-    forecast from the full computes at this and the `order` previous period starts (real
-    states from the same noise), as `l2c_jax.sampling.forecast` forms it in sampling,
-    instead of a copy.
+    sampling do not count). forecast "taylor1" / "taylor2": reused units are forecast by
+    the one forecaster's rule (`l2c_jax.sampling.forecast`): the derivative terms come from
+    the full computes at this and the `order` previous period starts (the anchors; real
+    states from the same noise), and each cache step advances every unit's latest value
+    along the Taylor polynomial (which telescopes to the sampler's forecast; `dit_period_roll`).
 
     Image-free (batch["states"], (B, steps, H, W, C) full-sampler states in sampling
     order, `l2c_jax.training.trajectories`): every state the loss would noise x0 to
     is the recorded one instead, the sampler's own state at that step.
     """
+    rolled = dit_period_roll(prob, params, batch, model=model, diffusion=diffusion, ste_threshold=ste_threshold,
+                             period=period, forecast=forecast)
+    sg = jax.lax.stop_gradient
+    data, l1s, mses, count = 0.0, 0.0, 0.0, 0.0
+    for r in rolled:
+        valid = r["valid"]
+        mse = jnp.mean((sg(r["target"]) - r["pred"]) ** 2, axis=(1, 2, 3))
+        data, l1s, mses, count = data + valid * jnp.mean(mse), l1s + valid * jnp.sum(r["scores"]), \
+            mses + valid * mse, count + valid
+    data_loss, l1, mse = data / count, l1s / count, mses / count
+    loss = data_loss + l1_weight * l1
+    return loss, dict(data_loss=data_loss, l1=l1, mse=mse)
+
+
+def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Optional[float] = None,
+                    period: int = 2, forecast: str = "copy", with_target: bool = True) -> list:
+    """The period `dit_router_loss` trains, rolled as the sampler would run it: per cache step j = 1..period-1,
+    a dict of the state it starts from (x), the router's (interpolated) model output (pred), the full model's
+    (target, when `with_target`), the router's scores, the state it leads to (x_next) and whether the step
+    lies within sampling (valid). With hard router weights these are the sampler's own states and outputs."""
     x0, y, noise, t_index = batch["x0"], batch["y"], batch["noise"], batch["t_index"]
     states = batch.get("states")
     b = x0.shape[0]
@@ -88,48 +109,42 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     x = sg(diffusion.ddim_step(out, x_t, t_index))
     cache = sg(cache)
 
-    # The previous period starts' full computes, for a forecast (absent before the first step: no term).
-    history, known = [cache], []
-    for m in range(1, order + 1):
-        i = t_index + m * period
-        ok = i <= steps - 1
-        ic = jnp.minimum(i, steps - 1)
-        _, c = model.apply(params, state_at(ic), t_of(ic), y)
-        history.append(sg(c))
-        known.append(ok)
-
-    # Per unit, v + d1 j + d2 j^2 / 2 with backward differences over `period` steps (terms not estimable: 0).
+    # A forecast's derivative terms, from the full computes at the previous period starts (the anchors; absent
+    # before the first step of sampling: that term is not known and counts 0), oldest first.
     d1 = d2 = None
-    if order >= 1:
-        d1 = [known[0] * (v0 - v1) / period for v0, v1 in zip(history[0], history[1])]
-    if order == 2:
-        d2 = [(known[0] & known[1]) * ((v0 - v1) - (v1 - v2)) / (period * period)
-              for v0, v1, v2 in zip(*history)]
+    if order:
+        values, known = [cache], []
+        for m in range(1, order + 1):
+            i = t_index + m * period
+            ic = jnp.minimum(i, steps - 1)
+            _, c = model.apply(params, state_at(ic), t_of(ic), y)
+            values.append(sg(c))
+            known.append(i <= steps - 1)
+        dt = float(period)
+        if order == 1:
+            d1 = [derive(v0, v1, None, dt, known[0], None)[0] for v0, v1 in zip(values[0], values[1])]
+        else:
+            d1_prev = [derive(v1, v2, None, dt, known[1], None)[0] for v1, v2 in zip(values[1], values[2])]
+            d1, d2 = zip(*[derive(v0, v1, dp, dt, known[0], known[0] & known[1])
+                           for v0, v1, dp in zip(values[0], values[1], d1_prev)])
 
-    def forecast_at(j):
-        out = [v + j * a for v, a in zip(history[0], d1)]
-        if d2 is not None:
-            out = [o + (j * j / 2) * b for o, b in zip(out, d2)]
-        return tuple(out)
-
-    data, l1s, mses, count = 0.0, 0.0, 0.0, 0.0
+    rolled = []
     for j in range(1, period):
         i = t_index - j
         valid = (i >= 0).astype(jnp.float32)
         ic = jnp.maximum(i, 0)
-        target, _ = model.apply(params, x, t_of(ic), y)
+        target = model.apply(params, x, t_of(ic), y)[0] if with_target else None
         weights, scores = router_weights(prob[ic], ste_threshold)
-        cache_in = cache if order == 0 else forecast_at(j)
+        cache_in = cache
+        if order:  # each unit's latest value, advanced along its polynomial by one step
+            a1, a2 = shift_coefficients(j - 1, j)
+            cache_in = tuple(forecast_entry(c, d1[u], None if d2 is None else d2[u], a1, a2)
+                             for u, c in enumerate(cache))
         pred, new_cache = model.apply(params, x, t_of(ic), y, cache=cache_in, beta=weights)
-        mse = jnp.mean((sg(target) - pred) ** 2, axis=(1, 2, 3))
-        data, l1s, mses, count = data + valid * jnp.mean(mse), l1s + valid * jnp.sum(scores), mses + valid * mse, \
-            count + valid
-        if j + 1 < period:  # roll on: the state and the cache the sampler would carry
-            x = sg(diffusion.ddim_step(pred, x, ic))
-            cache = sg(new_cache)
-    data_loss, l1, mse = data / count, l1s / count, mses / count
-    loss = data_loss + l1_weight * l1
-    return loss, dict(data_loss=data_loss, l1=l1, mse=mse)
+        x_next = sg(diffusion.ddim_step(pred, x, ic))
+        rolled.append(dict(x=x, pred=pred, target=target, scores=scores, x_next=x_next, valid=valid))
+        x, cache = x_next, sg(new_cache)  # roll on: the state and the cache the sampler would carry
+    return rolled
 
 
 def dit_random_batch(key, x0, y, *, steps: int, null_class: int, label_dropout: float = 0.1, period: int = 2):

@@ -72,6 +72,9 @@ def dit_objective(model, config) -> RouterObjective:
         raise ConfigError(f"sampler.steps must be even for DiT caching (full and cache steps alternate), "
                           f"got {steps}")
     l1, ste, dropout = _common(config)
+    if dropout > 0 and not model.config.has_null_class:
+        raise ConfigError(f"train.label_dropout={dropout} drops labels to the null class, and this DiT has no "
+                          "null-class row (trained with class dropout 0): set train.label_dropout=0")
     diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
     loss = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=l1, ste_threshold=ste,
                              period=period, forecast=forecast)
