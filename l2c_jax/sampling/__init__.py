@@ -83,7 +83,7 @@ def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: O
              and not (n == "router" and isinstance(schedule, str))]
     if len(given) > 1:
         raise ConfigError(f"pass one of schedule, router or masks, not {' and '.join(given)}")
-    if threshold is not None and router is None:
+    if threshold is not None and router is None and not isinstance(schedule, str):
         raise ConfigError("threshold applies to a router; none was given")
     rows = sampler.rows
     named = dict(routers or {})
