@@ -223,6 +223,9 @@ def test_the_schedule_path_serves_the_api_and_refuses_what_it_cannot_run(model, 
     for bad in (5.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="threshold"):
             sample(model, noise, y, steps=10, router=router, threshold=bad)
+    for bad in (float("nan"), float("inf"), "four"):  # a NaN scale sampled NaN images with exit 0
+        with pytest.raises(ConfigError, match="cfg_scale"):
+            sample(model, noise, y, steps=10, cfg_scale=bad)
 
 
 def test_a_dit_without_a_null_class_row_refuses_guidance_and_the_null_label():

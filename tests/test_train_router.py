@@ -129,6 +129,21 @@ def test_bad_configs_fail_cleanly(tiny_setup, tmp_path):
     assert r.returncode != 0 and "not a directory" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("flag", ["train.steps=0", "train.batch_size=-2", "train.checkpoint_every=0",
+                                  "train.log_every=0", "train.lr=nan", "train.lr=0", "train.l1=-1", "train.l1=inf",
+                                  "train.lr=-1"])
+def test_bad_training_knobs_are_refused_before_any_work(flag, tmp_path):
+    # 0 steps wrote an untrained router; a negative batch or checkpoint_every=0 failed late with a NumPy error
+    from l2c_jax.cli import parse_config_flags
+    from l2c_jax.errors import ConfigError
+    from l2c_jax.training.trainer import train_router
+    config, workdir = parse_config_flags(["--config", "configs/router_dit.py:smoke", "--workdir",
+                                          str(tmp_path / "w"), f"--config.{flag}"])
+    with pytest.raises(ConfigError, match=flag.split("=")[0].replace(".", r"\.")):
+        train_router(config, workdir, report=lambda *_: None)
+    assert not (tmp_path / "w").exists()
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path):
     from l2c_jax.cli import parse_config_flags
     from l2c_jax.training.trainer import TrainingDiverged, train_router

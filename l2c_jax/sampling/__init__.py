@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Optional
 
@@ -153,7 +154,15 @@ def _hashable(v):
 
 def is_guided(family: str, cfg_scale) -> bool:
     # DiT's forward_with_cfg is the identity at scale 1; U-ViT's cond + s*(cond - uncond) at scale 0.
-    return cfg_scale is not None and float(cfg_scale) != sampler_class(family).guidance_off
+    if cfg_scale is None:
+        return False
+    try:
+        scale = float(cfg_scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cfg_scale must be a number, got {cfg_scale!r}") from None
+    if not math.isfinite(scale):  # a NaN or inf scale samples NaN images with exit 0
+        raise ConfigError(f"cfg_scale must be finite, got {cfg_scale!r}")
+    return scale != sampler_class(family).guidance_off
 
 
 def sampler_for(model, solver: str, steps: int, guided: bool, strategy: str = "static", **kw):

@@ -25,6 +25,7 @@ fold_in(seed, s), so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 import optax
 
 from l2c_jax import distributed, parallel
+from l2c_jax.errors import ConfigError
 from l2c_jax.images import save_png
 from l2c_jax.model import model_from_config
 from l2c_jax.router import save_router
@@ -102,9 +104,30 @@ def router_heatmap(prob: np.ndarray, rows: np.ndarray, upscale: int = 8) -> np.n
     return np.stack([img] * 3, -1)
 
 
+def check_train_config(tc) -> None:
+    """The training knobs, checked before any work: a count below 1 or a non-finite rate failed late (a
+    NumPy or division error after the model loaded) or, for 0 steps, wrote an untrained router."""
+    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        v = tc.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"train.{key} must be a whole number of at least 1, got {v!r}")
+    for key, low in (("lr", 0.0), ("l1", 0.0), ("clamp", 0.0)):
+        v = tc.get(key)
+        if v is None and key == "clamp":
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.{key} must be a number, got {v!r}") from None
+        if not math.isfinite(f) or f < low or (key != "l1" and f == low):
+            raise ConfigError(f"train.{key} must be a finite number {'>=' if key == 'l1' else '>'} {low:g}, "
+                              f"got {v!r}")
+
+
 def train_router(config, workdir: str, report=print) -> dict:
     """Trains (or resumes training) a router; returns final metrics and paths."""
     tc = config.train
+    check_train_config(tc)
     report = distributed.main_only(report)
     prepare_workdir(config, workdir)
     model = model_from_config(config.model)
