@@ -144,9 +144,12 @@ def test_bad_training_knobs_are_refused_before_any_work(flag, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch):
     from l2c_jax.cli import parse_config_flags
+    from l2c_jax.training import trainer
     from l2c_jax.training.trainer import TrainingDiverged, train_router
+    # a NaN learning rate is refused at config time now; let it through here to make the run diverge
+    monkeypatch.setattr(trainer, "check_train_config", lambda tc: None)
     config, workdir = parse_config_flags(train_cmd(tiny_setup, tmp_path / "nan", steps=10)[2:])
     train_router(config, workdir, report=lambda *_: None)
     with config.unlocked():
