@@ -5,6 +5,8 @@ says what is wrong and with which file or key; the command-line entry points
 print that line to stderr and exit non-zero (see `l2c_jax.cli`).
 """
 
+import math
+
 
 class L2CError(Exception):
     """Bad input: a checkpoint, a config or an argument that cannot be used."""
@@ -16,3 +18,19 @@ class CheckpointError(L2CError):
 
 class ConfigError(L2CError):
     """An invalid configuration or argument."""
+
+
+def finite_number(name: str, value, *, low=None, high=None, low_open: bool = False) -> float:
+    """`value` as a finite float within [low, high] (or (low, high] with `low_open`), else a one-line ConfigError
+    naming `name`: a NaN or inf knob poisons a run silently (NaN images, an untrained router)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    below = low is not None and (f <= low if low_open else f < low)
+    if not math.isfinite(f) or below or (high is not None and f > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ConfigError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
+    return f

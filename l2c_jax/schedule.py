@@ -18,12 +18,11 @@ single entry that turns what a caller gave (a method spec such as
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Tuple
 
 import numpy as np
 
-from l2c_jax.errors import ConfigError
+from l2c_jax.errors import ConfigError, finite_number
 
 FORECASTS = ("copy", "taylor1", "taylor2")
 
@@ -106,13 +105,7 @@ def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
 
 def check_threshold(threshold) -> float:
     """A router threshold: a finite number in [0, 1] (sigmoid outputs are compared with it)."""
-    try:
-        thr = float(threshold)
-    except (TypeError, ValueError):
-        raise ConfigError(f"router threshold must be a number in [0, 1], got {threshold!r}") from None
-    if not math.isfinite(thr) or not 0.0 <= thr <= 1.0:
-        raise ConfigError(f"router threshold must lie in [0, 1], got {threshold!r}")
-    return thr
+    return finite_number("router threshold", threshold, low=0.0, high=1.0)
 
 
 def from_router(router, *, kind: str, num_units: int, rows: int, threshold=None, retarget: bool = False,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Optional
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax import compile_cache
-from l2c_jax.errors import ConfigError
+from l2c_jax.errors import ConfigError, finite_number
 from l2c_jax.sampling.base import STRATEGIES, computed_share, resolve_strategy
 from l2c_jax.sampling.dit import DiTSampler
 from l2c_jax.sampling.uvit import UViTSampler
@@ -156,12 +155,7 @@ def is_guided(family: str, cfg_scale) -> bool:
     # DiT's forward_with_cfg is the identity at scale 1; U-ViT's cond + s*(cond - uncond) at scale 0.
     if cfg_scale is None:
         return False
-    try:
-        scale = float(cfg_scale)
-    except (TypeError, ValueError):
-        raise ConfigError(f"cfg_scale must be a number, got {cfg_scale!r}") from None
-    if not math.isfinite(scale):  # a NaN or inf scale samples NaN images with exit 0
-        raise ConfigError(f"cfg_scale must be finite, got {cfg_scale!r}")
+    scale = finite_number("cfg_scale", cfg_scale)  # a NaN or inf scale samples NaN images with exit 0
     return scale != sampler_class(family).guidance_off
 
 

@@ -25,7 +25,6 @@ fold_in(seed, s), so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 
 from l2c_jax import distributed, parallel
-from l2c_jax.errors import ConfigError
+from l2c_jax.errors import ConfigError, finite_number
 from l2c_jax.images import save_png
 from l2c_jax.model import model_from_config
 from l2c_jax.router import save_router
@@ -111,17 +110,10 @@ def check_train_config(tc) -> None:
         v = tc.get(key, 1)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ConfigError(f"train.{key} must be a whole number of at least 1, got {v!r}")
-    for key, low in (("lr", 0.0), ("l1", 0.0), ("clamp", 0.0)):
-        v = tc.get(key)
-        if v is None and key == "clamp":
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"train.{key} must be a number, got {v!r}") from None
-        if not math.isfinite(f) or f < low or (key != "l1" and f == low):
-            raise ConfigError(f"train.{key} must be a finite number {'>=' if key == 'l1' else '>'} {low:g}, "
-                              f"got {v!r}")
+    finite_number("train.lr", tc.get("lr"), low=0.0, low_open=True)
+    finite_number("train.l1", tc.get("l1"), low=0.0)
+    if tc.get("clamp") is not None:
+        finite_number("train.clamp", tc.clamp, low=0.0, low_open=True)
 
 
 def train_router(config, workdir: str, report=print) -> dict:
