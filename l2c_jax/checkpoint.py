@@ -20,7 +20,9 @@ from l2c_jax.errors import CheckpointError, ConfigError
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = formats.MODEL_DIR_VERSION
-_RESERVED = ("family", "config", formats.FIELD)
+CHECKSUMS = "checksums"  # {file under params/: crc32}, written at conversion, checked on load
+CONFIG_CHECKSUM = "config_checksum"  # of "config": a hand-edited head count loaded and sampled garbage
+_RESERVED = ("family", "config", formats.FIELD, CHECKSUMS, CONFIG_CHECKSUM)
 # The command that rewrites a model directory of each family in the current format.
 _CONVERTERS = {"dit": "convert/dit.py", "uvit": "convert/uvit.py", "vae": "convert/vae.py",
                "inception_fid": "convert/inception.py"}
@@ -65,54 +67,140 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
     restored as a device array replicated over `mesh` (default: all devices):
     orbax returns host NumPy arrays for a target without a sharding, and a
     jitted call would copy those to the device again on every call. Without
-    `abstract` the tree is restored as saved and then placed.
+    `abstract` the tree is restored as saved and then placed. Any failure of
+    orbax or TensorStore (a data file deleted or truncated) becomes one line
+    naming the directory.
     """
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no parameter checkpoint")
-    with _manager(directory) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise CheckpointError(f"{directory}: no complete checkpoint step found")
-        try:
+    try:
+        with _manager(directory) as mngr:
+            step = mngr.latest_step()
+            if step is None:
+                raise CheckpointError(f"{directory}: no complete checkpoint step found")
             if abstract is None:
                 return parallel.place(mngr.restore(step, args=ocp.args.StandardRestore()), mesh)
             return mngr.restore(step, args=ocp.args.StandardRestore(parallel.abstract_on(abstract, mesh)))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            msg = " ".join(str(e).split())[:300]
-            raise CheckpointError(f"{directory}: checkpoint does not match the configured model: {msg}") from None
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: checkpoint does not match the configured model: {_one_line(e)}") \
+            from None
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types; the user needs one line
+        raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {_one_line(e)}); "
+                              "convert the original weights again") from None
+
+
+def _one_line(e: BaseException, n: int = 240) -> str:
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= n else msg[:n] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Integrity: a checksum per file, the config's own, finite weights
+# ---------------------------------------------------------------------------
+
+def file_checksums(directory: str) -> dict:
+    """{path relative to `directory`: "crc32:XXXXXXXX"} of every file below it (CRC-32: ~1 GB/s here, and
+    it finds the flipped bytes a damaged copy has; it is no defence against a deliberate edit)."""
+    import zlib
+
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            crc = 0
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    crc = zlib.crc32(chunk, crc)
+            out[os.path.relpath(path, directory)] = f"crc32:{crc:08x}"
+    return dict(sorted(out.items()))
+
+
+def config_checksum(config: dict) -> str:
+    import zlib
+
+    return f"crc32:{zlib.crc32(json.dumps(config, sort_keys=True).encode()):08x}"
+
+
+def verify_model_dir(directory: str, meta: dict) -> None:
+    """Checks the parameter files against the checksums written at conversion (directories written before
+    checksums existed pass unchecked)."""
+    recorded = meta.get(CHECKSUMS)
+    if not isinstance(recorded, dict):
+        return
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    found = file_checksums(params_dir) if os.path.isdir(params_dir) else {}
+    for rel, crc in recorded.items():
+        if rel not in found:
+            raise CheckpointError(f"{os.path.join(params_dir, rel)}: missing; the model directory is incomplete "
+                                  "(copy it again or convert again)")
+        if found[rel] != crc:
+            raise CheckpointError(f"{os.path.join(params_dir, rel)}: damaged (checksum {found[rel]}, written as "
+                                  f"{crc}); copy the model directory again or convert again")
+
+
+def check_finite(params: Any, where: str) -> None:
+    """Refuses parameters holding NaN or inf, naming the first such leaf (checked on the devices)."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    floats = [(p, v) for p, v in leaves if jnp.issubdtype(v.dtype, jnp.floating)]
+    if not floats:
+        return
+    ok = jax.device_get(jax.jit(lambda vs: jnp.stack([jnp.all(jnp.isfinite(v)) for v in vs]))(
+        [v for _, v in floats]))
+    bad = [jax.tree_util.keystr(p) for (p, _), good in zip(floats, ok) if not good]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} parameter array{'s hold' if len(bad) > 1 else ' holds'} NaN or "
+                              f"inf values (first: {bad[0]}); the weights are damaged")
+
+
+def load_model_params(directory: str, meta: dict, abstract: Any, mesh=None) -> Any:
+    """A model directory's parameters on the devices: files checked against their checksums, shapes
+    against `abstract`, values finite; every failure one line naming the directory."""
+    verify_model_dir(directory, meta)
+    params = restore_params(os.path.join(directory, PARAMS_DIR), abstract, mesh=mesh)
+    check_finite(params, directory)
+    return params
 
 
 def write_model_dir(directory: str, family: str, config: dict, params: Any, overwrite: bool = False,
                     **extra) -> None:
-    """Writes DIR/params and DIR/config.json; an existing model there is refused unless `overwrite`.
+    """Writes DIR/params and DIR/config.json; anything at DIR is refused unless `overwrite`.
 
-    `extra` keys (e.g. source=) are stored beside family, config and format_version, which they may not replace.
+    The directory is written under DIR.partial and renamed into place when whole, so a failed or killed
+    write leaves what was there. config.json records a checksum of every parameter file and of the
+    config itself, checked on load. `extra` keys (e.g. source=) are stored beside family, config and
+    format_version, which they may not replace.
     """
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ConfigError(f"write_model_dir: {', '.join(clash)} cannot be passed as extra metadata")
-    from l2c_jax import distributed
+    from l2c_jax import distributed, outputs
 
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if os.path.isdir(params_dir) and os.listdir(params_dir):
-        if not overwrite:
-            raise CheckpointError(f"{directory}: already holds a model; remove it or choose another output "
-                                  "directory (nothing was written)")
-        distributed.barrier("l2c-model-dir-checked")  # every process saw the old model before it goes
-        if distributed.is_main():
-            import shutil
-            shutil.rmtree(params_dir)
+    directory = os.path.abspath(directory)
+    outputs.check_output(directory, overwrite=overwrite, flag="output",
+                         hint="remove it, pass --overwrite (Model.save(..., overwrite=True))")
+    distributed.barrier("l2c-model-dir-checked")  # every process saw the old model before anything moves
+    tmp = directory + outputs.PARTIAL
     if distributed.is_main():
-        os.makedirs(directory, exist_ok=True)
+        tmp = outputs.staging_path(directory)
+        os.makedirs(tmp)
     distributed.barrier("l2c-model-dir-ready")
-    save_params(params_dir, params)  # with several processes, orbax's multi-host save: all of them take part
+    save_params(os.path.join(tmp, PARAMS_DIR), params)  # several processes: orbax's multi-host save, all take part
+    distributed.barrier("l2c-model-dir-saved")
     if distributed.is_main():
-        meta = {**extra, "family": family, "config": config, formats.FIELD: FORMAT_VERSION}
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        meta = {**extra, "family": family, "config": config, formats.FIELD: FORMAT_VERSION,
+                CHECKSUMS: file_checksums(os.path.join(tmp, PARAMS_DIR)), CONFIG_CHECKSUM: config_checksum(config)}
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
+        outputs.publish(tmp, directory)
+    distributed.barrier("l2c-model-dir-written")
 
 
 def read_model_meta(directory: str) -> dict:
@@ -134,6 +222,9 @@ def read_model_meta(directory: str) -> dict:
     # Format 1 is the only one so far: nothing to upgrade in memory.
     if "family" not in meta or "config" not in meta:
         raise CheckpointError(f"{path}: missing 'family' or 'config'")
+    if CONFIG_CHECKSUM in meta and meta[CONFIG_CHECKSUM] != config_checksum(meta["config"]):
+        raise CheckpointError(f"{path}: its \"config\" was edited after conversion (checksum differs); the weights "
+                              "were converted for the original config: convert again instead of editing it")
     return meta
 
 

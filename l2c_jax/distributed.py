@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import jax
 
-from l2c_jax.errors import ConfigError
+from l2c_jax.errors import ConfigError, L2CError
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +130,32 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def on_main(fn: Callable, name: str):
+    """Runs `fn` on process 0 only and lets every process learn how it went: a refusal there (an L2CError,
+    e.g. a workdir held by another job) is raised on every process with the same one line, instead of
+    leaving the others waiting at the next barrier. Returns fn's result on process 0, None elsewhere."""
+    if jax.process_count() == 1:
+        return fn()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    result, message, error = None, b"", None
+    if is_main():
+        try:
+            result = fn()
+        except L2CError as e:
+            error, message = e, str(e).encode()[:_MESSAGE_BYTES] or b"refused"
+    buf = np.zeros((_MESSAGE_BYTES,), np.uint8)
+    buf[:len(message)] = np.frombuffer(message, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    if got.any():
+        text = bytes(got[got > 0].astype(np.uint8)).decode(errors="replace")
+        if error is not None:
+            raise error
+        raise ConfigError(f"process 0 refused the job ({name}): {text}")
+    return result
+
+
+_MESSAGE_BYTES = 1024

@@ -106,17 +106,21 @@ class Model:
                                    overwrite=overwrite, **extra)
 
 
+def config_of(directory: str, meta: dict):
+    """The family config a model directory's config.json describes, checked against the architecture's rules."""
+    config_cls = family_of(meta["family"]).config_cls
+    try:
+        return config_cls(**meta["config"])
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"{os.path.join(directory, checkpoint.CONFIG_FILE)}: invalid model config: {e}") from None
+
+
 def load_model(directory: str, dtype=jnp.float32, mesh=None) -> Model:
     """Restores a model written by `convert/` (or `Model.save`), its weights on the devices
     (replicated over `mesh`, default all devices), with no host copy kept."""
     meta = checkpoint.read_model_meta(directory)
-    config_cls, _, _ = family_of(meta["family"])
-    try:
-        config = config_cls(**meta["config"])
-    except TypeError as e:
-        raise CheckpointError(f"{directory}: invalid model config: {e}") from None
-    params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR),
-                                       abstract_params(meta["family"], config), mesh=mesh)
+    config = config_of(directory, meta)
+    params = checkpoint.load_model_params(directory, meta, abstract_params(meta["family"], config), mesh=mesh)
     return Model(meta["family"], config, params, dtype=dtype)
 
 
@@ -140,7 +144,7 @@ def model_from_config(model_config, dtype=jnp.float32, abstract: bool = False, m
                               "(or set config.model.random_init=True)")
         if abstract:
             meta = checkpoint.read_model_meta(path)
-            config = family_of(meta["family"]).config_cls(**meta["config"])
+            config = config_of(path, meta)
             model = Model(meta["family"], config, abstract_params(meta["family"], config), dtype=dtype)
         else:
             model = load_model(path, dtype=dtype, mesh=mesh)

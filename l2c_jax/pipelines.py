@@ -9,6 +9,7 @@ latency per batch and the schedule's share of computed sub-layers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,10 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax import images as imio
-from l2c_jax.errors import ConfigError
+from l2c_jax.errors import ConfigError, L2CError
 from l2c_jax.sampling.draws import draw_labels, sample_noise, sample_step_keys
 
 log = logging.getLogger(__name__)
+
+
+class SamplingError(L2CError):
+    """A sampling run that produced unusable values (NaN or inf)."""
 
 
 def sample_labels(config, num_classes: int) -> np.ndarray:
@@ -135,15 +140,52 @@ def run_sampling(config, workdir: Optional[str] = None, report=print) -> dict:
     compile_cache.from_setting(config.get("compilation_cache_dir", "default"))
     _check_evaluation(config)  # before the sampling it would score, not after
     report = distributed.main_only(report)
+    workdir = os.path.abspath(workdir or config.get("workdir") or ".")
     phases = Phases()
-    try:
-        with phases("load"):
-            mesh = parallel.local_mesh()  # sampling needs no other process: each runs its own batches
-            model, router, vae = load_for_sampling(config, mesh)
-            made = _make_sampler(model, router, config)
-        return _sample_batches(config, workdir, report, model, vae, made, phases, mesh)
-    finally:
-        phases.close()
+    with contextlib.ExitStack() as held:
+        # Before loading anything: the workdir is this job's (lock, kind, outputs), on process 0 for all.
+        distributed.on_main(lambda: claim_sampling_workdir(config, workdir, held), "sampling workdir")
+        try:
+            with phases("load"):
+                mesh = parallel.local_mesh()  # sampling needs no other process: each runs its own batches
+                model, router, vae = load_for_sampling(config, mesh)
+                made = _make_sampler(model, router, config)
+            return _sample_batches(config, workdir, report, model, vae, made, phases, mesh)
+        finally:
+            phases.close()
+
+
+def _npz_path(config, workdir: str) -> Optional[str]:
+    ev = config.get("evaluate")
+    if config.get("npz") or (ev is not None and ev.get("reference")):
+        return os.path.join(workdir, config.get("npz") or "samples.npz")
+    return None
+
+
+def claim_sampling_workdir(config, workdir: str, held: contextlib.ExitStack) -> None:
+    """Locks `workdir` for this job (released with `held`) and refuses, before any work, a workdir of
+    another kind, an npz inside the shards folder (deleted with it), and outputs a different job wrote
+    (a rerun with another seed replaced them silently) unless config.overwrite. Records this job."""
+    from l2c_jax import outputs, workdirs
+    from l2c_jax.shards import job_fingerprint
+
+    held.enter_context(workdirs.lock(workdir))
+    record = workdirs.claim(workdir, "sample")
+    shards = os.path.join(workdir, "shards")
+    npz = _npz_path(config, workdir)
+    if npz and outputs.holds(shards, npz):
+        raise ConfigError(f"config.npz {npz} lies in {shards}, the job's scratch folder (removed when the job "
+                          "ends); write it elsewhere")
+    job = json.loads(json.dumps(job_fingerprint(config), sort_keys=True, default=str))
+    names = [p for p in (npz, os.path.join(workdir, config.get("grid", "samples.png")),
+                         os.path.join(workdir, "report.json")) if p and os.path.exists(p)]
+    if names and record.get("job") != job and not config.get("overwrite", False):
+        there = record.get("job")
+        why = ("no sampling job recorded them" if there is None else "another job wrote them (it differs in "
+               + ", ".join(sorted(k for k in set(there) | set(job) if there.get(k) != job.get(k))) + ")")
+        raise ConfigError(f"{workdir} holds {', '.join(os.path.basename(n) for n in names)}: {why}; pass "
+                          "--config.overwrite=True to replace them, or use another --workdir (nothing was changed)")
+    workdirs.write_record(workdir, dict(record, job=job))
 
 
 def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> dict:
@@ -168,12 +210,8 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     bs = int(config.batch_size)
     if bs < 1:
         raise ConfigError(f"batch_size must be positive, got {bs}")
-    workdir = workdir or config.get("workdir") or "."
-    os.makedirs(workdir, exist_ok=True)
     store = ShardStore(os.path.join(workdir, "shards"), job_fingerprint(config), n)
-    if distributed.is_main():
-        store.prepare()
-    distributed.barrier("l2c-shards-prepared")
+    distributed.on_main(store.prepare, "shards")
     store.check()
     remaining = store.remaining()
     distributed.barrier("l2c-shards-scanned")  # every process dealt the same remaining indices
@@ -202,6 +240,10 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
                 lat = run()
                 lat.block_until_ready()
                 dt = time.perf_counter() - t0
+            if b == 0 and r == 0 and not bool(jnp.isfinite(lat).all()):  # one cheap check, before any write
+                how = what + (", " + schedule.describe() if cached else "") + (
+                    f", cfg_scale {scale}" if scale is not None else "")
+                raise SamplingError(f"the first batch sampled NaN or inf values ({how}); nothing was written")
             if not (b == 0 and r == 0 and runs > 1):  # the very first run includes compilation
                 times.append(dt)
             first = False
@@ -220,8 +262,8 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     npz_path = None
     ev = config.get("evaluate")
     scoring = bool(ev is not None and ev.get("reference"))
-    if config.get("npz") or scoring:
-        npz_path = store.assemble(os.path.join(workdir, config.get("npz") or "samples.npz"))
+    if _npz_path(config, workdir):
+        npz_path = store.assemble(_npz_path(config, workdir))
     store.remove()  # the job is done: its images are in the npz (or were not asked for)
     metrics = None
     if scoring:

@@ -14,10 +14,10 @@ are a job's scratch: the sampling job removes them once it has finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 import zipfile
 from typing import Optional, Sequence
 
@@ -56,6 +56,14 @@ class ShardStore:
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, JOB_FILE)
         if not os.path.exists(path):
+            # Shards without their job record (two jobs raced on one workdir before the lock existed) or a
+            # folder of the user's own: neither may be adopted into this job's npz, nor deleted with it.
+            there = [n for n in os.listdir(self.directory) if not _ours_partial(n)]
+            if there:
+                orphans = any(_SHARD.match(n) for n in there)
+                kind = "shards of an unknown job" if orphans else "files this job did not write"
+                raise ShardError(f"{self.directory} holds {kind} ({len(there)} entries, no {JOB_FILE}); move it "
+                                 "away or use another --workdir (nothing was changed)")
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(self.job, f, indent=1, sort_keys=True)
@@ -170,7 +178,21 @@ class ShardStore:
         return path
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Deletes the job's own files (shards, record, leftovers of killed writes) and the directory if that
+        leaves it empty; anything else found there is kept."""
+        if not os.path.isdir(self.directory):
+            return
+        for n in os.listdir(self.directory):
+            if _SHARD.match(n) or n == JOB_FILE or _ours_partial(n):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.directory, n))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+
+def _ours_partial(name: str) -> bool:
+    """A shard or job record being written when its process was killed."""
+    return bool(re.match(r"^(shard-\d+\.npz|job\.json)\.tmp-\d+$", name))
 
 
 def batches_of(remaining: np.ndarray, batch_size: int, process_index: int = 0,

@@ -115,6 +115,5 @@ def load_vae(directory: str, dtype=jnp.float32, chunk_size: Optional[int] = DEFA
         config = VAEConfig.from_dict(meta["config"])
     except (TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{directory}: invalid VAE config: {e}") from None
-    params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR), abstract_vae_params(config),
-                                       mesh=mesh)
+    params = checkpoint.load_model_params(directory, meta, abstract_vae_params(config), mesh=mesh)
     return VAE(config, params, dtype=dtype, chunk_size=chunk_size, mesh=mesh)

@@ -150,6 +150,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_pa
     from l2c_jax.training.trainer import TrainingDiverged, train_router
     # a NaN learning rate is refused at config time now; let it through here to make the run diverge
     monkeypatch.setattr(trainer, "check_train_config", lambda tc: None)
+    # and a resume with another rate is refused too (the config check of training_workdir): allow it here
+    from l2c_jax.training import loop
+    monkeypatch.setattr(loop, "RESUMABLE", loop.RESUMABLE + ("train.lr",))
     config, workdir = parse_config_flags(train_cmd(tiny_setup, tmp_path / "nan", steps=10)[2:])
     train_router(config, workdir, report=lambda *_: None)
     with config.unlocked():

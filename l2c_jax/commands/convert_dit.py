@@ -35,12 +35,17 @@ def main(argv):
     p.add_argument("--timestep-shift", choices=("diffusers", "original"),
                    help="numerics of a diffusers checkpoint (default diffusers)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (refused otherwise)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
 
+    from l2c_jax import outputs
     from l2c_jax.convert import diffusers_dit
     from l2c_jax.convert.dit import convert_dit, export_diffusers
 
+    # Before any work: an --out that is the input (a diffusers folder converted in place) or that holds
+    # anything is refused, the latter unless --overwrite.
+    outputs.check_output(args.out, overwrite=args.overwrite, inputs=[args.checkpoint, args.export_diffusers])
     if args.export_diffusers:
         from l2c_jax.model import load_model
 
@@ -56,7 +61,8 @@ def main(argv):
     if pipeline:  # refuse a pipeline trained for another schedule before converting anything
         diffusers_dit.check_scheduler(pipeline)
     model = convert_dit(args.checkpoint, args.model, args.num_heads, args.num_classes, args.timestep_shift)
-    model.save(args.out, source=os.path.basename(os.path.normpath(args.checkpoint)), name=args.model)
+    model.save(args.out, overwrite=args.overwrite, source=os.path.basename(os.path.normpath(args.checkpoint)),
+               name=args.model)
     c = model.config
     numerics = ", diffusers' numerics" if c.freq_shift else (", the original's numerics" if found else "")
     print(f"wrote {args.out}: DiT depth {c.depth}, width {c.hidden_size}, patch {c.patch_size}, "

@@ -33,6 +33,7 @@ def main(argv):
     p.add_argument("--threshold", type=float, help="default threshold stored with the router; used by --summary")
     p.add_argument("--summary", action="store_true", help="print the compute count of the cache steps")
     p.add_argument("--steps", type=int, help="retarget to this many steps (DDIM steps / U-ViT NFE) by interpolation")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (refused otherwise)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -45,14 +46,14 @@ def main(argv):
             raise ConfigError("--steps retargets a router into the project format: use it with --checkpoint")
         if not args.out:
             raise ConfigError("--export-torch needs --out FILE.pt")
-        router = export_router(args.export_torch, args.out, kind=args.kind)
+        router = export_router(args.export_torch, args.out, kind=args.kind, overwrite=args.overwrite)
         if args.threshold is not None:
             router.threshold = args.threshold
     else:
         if not args.out and not args.summary:
             raise ConfigError("nothing to do: pass --out FILE and/or --summary")
         router = convert_router(args.checkpoint, args.out, kind=args.kind, threshold=args.threshold,
-                                steps=args.steps)
+                                steps=args.steps, overwrite=args.overwrite)
     if args.out:
         print(f"wrote {args.out}: {router.describe()}")
     if args.summary:

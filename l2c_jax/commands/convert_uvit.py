@@ -21,13 +21,17 @@ def main(argv):
     p.add_argument("--model", help="released architecture name, e.g. U-ViT-H/2 (gives the head count)")
     p.add_argument("--num-heads", type=int, help="head count for other sizes")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (refused otherwise)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    from l2c_jax import outputs
+
+    outputs.check_output(args.out, overwrite=args.overwrite, inputs=[args.checkpoint])  # before any work
 
     from l2c_jax.convert.uvit import convert_uvit
 
     model = convert_uvit(args.checkpoint, args.model, args.num_heads)
-    model.save(args.out, source=os.path.basename(args.checkpoint), name=args.model)
+    model.save(args.out, overwrite=args.overwrite, source=os.path.basename(args.checkpoint), name=args.model)
     c = model.config
     classes = f"{c.num_classes} label rows" if c.num_classes > 0 else "unconditional"
     print(f"wrote {args.out}: U-ViT depth {c.depth} ({c.num_blocks} blocks, {c.num_units} cacheable sub-layers), "

@@ -21,15 +21,19 @@ def main(argv):
     p.add_argument("--checkpoint", required=True,
                    help="diffusers (.safetensors/.bin) or LDM (.pth/.ckpt) autoencoder weights")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (refused otherwise)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    from l2c_jax import outputs
+
+    outputs.check_output(args.out, overwrite=args.overwrite, inputs=[args.checkpoint])  # before any work
 
     from l2c_jax.convert.vae import convert_vae
 
     vae, naming, notes = convert_vae(args.checkpoint)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    vae.save(args.out, source=os.path.basename(args.checkpoint), naming=naming)
+    vae.save(args.out, overwrite=args.overwrite, source=os.path.basename(args.checkpoint), naming=naming)
     c = vae.config
     attn = ""
     if c.encoder_attn_levels or c.decoder_attn_levels:

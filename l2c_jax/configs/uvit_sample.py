@@ -69,6 +69,7 @@ def base(image_size=256, nfe=20, l2c=False, model="U-ViT-H/2"):
     c.grid_max = 64
     c.grid_upscale = 1
     c.npz = ""  # e.g. "samples.npz" for the ADM evaluator
+    c.overwrite = False  # replace the outputs of a different earlier job in the workdir
     # Score the samples at the end as the ADM evaluator does (IS, FID, sFID, precision, recall), e.g.
     # --config.num_samples=50000 --config.labels='()' --config.evaluate.reference=VIRTUAL_imagenet256_labeled.npz
     c.evaluate = ml_collections.ConfigDict(dict(reference="", inception="ckpt/inception_fid", batch_size=64))

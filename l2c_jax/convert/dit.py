@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from l2c_jax import outputs
 from l2c_jax.convert import diffusers_dit
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.models.dit import DIT_VARIANTS, DiTConfig
@@ -131,11 +132,12 @@ def export_diffusers(model, directory: str) -> str:
     note = "" if cfg.freq_shift == 1 else ("note: diffusers runs its own timestep embedding (shift 1); "
                                            "this model was converted with the original's")
     sd, config = diffusers_dit.from_original(state_dict_of(model.params), cfg.depth, cfg)
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()},
-              os.path.join(directory, diffusers_dit.WEIGHTS[0]))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    with outputs.staged(directory) as tmp:  # whole or not at all; the caller checked what is there
+        os.makedirs(tmp)
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()},
+                  os.path.join(tmp, diffusers_dit.WEIGHTS[0]))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
     return note
 
 

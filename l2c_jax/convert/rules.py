@@ -89,7 +89,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping
     """
     expected = flatten_tree(expected_params)
     got: dict = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, nonfinite = [], [], []
     for key in list(state_dict.keys()):
         value = state_dict.pop(key) if consume else state_dict[key]
         mods, leaf = _flax_module_path(key)
@@ -119,11 +119,17 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected_params: Mapping
         # the CPU aliases it instead of copying.
         got[path] = np.array(value, dtype=dtype, order="C", copy=True)
         del value
+        if got[path].dtype.kind == "f" and not np.isfinite(got[path]).all():
+            nonfinite.append(key)  # a diverged or damaged checkpoint converted and sampled black images
     missing = [flax_to_torch_name(p) for p in expected if p not in got and not any(
         flax_to_torch_name(p) == m.split(" ")[0] for m in misshaped)]
     problems = mismatch_report(missing, unexpected, misshaped)
     if problems:
         raise CheckpointError(f"{source} does not match the model: {problems}")
+    if nonfinite:
+        raise CheckpointError(f"{source}: {len(nonfinite)} tensor{'s hold' if len(nonfinite) > 1 else ' holds'} NaN "
+                              f"or inf values ({_summarise(nonfinite)}); the checkpoint is damaged or its "
+                              "training diverged (nothing was written)")
     return _unflatten(got)
 
 

@@ -75,5 +75,5 @@ def load_inception(directory: str, dtype=jnp.float32, batch_size: Optional[int] 
     if classes != NUM_CLASSES:
         raise CheckpointError(f"{directory}: invalid FID Inception config {meta['config']!r} "
                               f"(expected num_classes {NUM_CLASSES})")
-    params = checkpoint.restore_params(os.path.join(directory, checkpoint.PARAMS_DIR), abstract_inception_params())
+    params = checkpoint.load_model_params(directory, meta, abstract_inception_params())
     return InceptionNet(params, dtype=dtype, batch_size=batch_size)

@@ -13,6 +13,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from l2c_jax.errors import ConfigError, check_architecture, finite_number
 from l2c_jax.models.cache import run_unit
 from l2c_jax.models.layers import Attention, Mlp, PatchEmbed, layer_norm, sincos_pos_embed_2d, timestep_embedding
 
@@ -42,6 +43,16 @@ class DiTConfig:
     # (freq_shift 1, mlp_norm_eps = its norm_eps, 1e-5): l2c_jax.convert.diffusers_dit.
     freq_shift: int = 0  # timestep embedding: exponent / (half - freq_shift)
     mlp_norm_eps: float = 1e-6  # the LayerNorm before each block's MLP
+
+    def __post_init__(self):
+        # A config.json edited by hand (a float depth, heads that do not divide the width) failed as a
+        # reshape TypeError deep in the first forward.
+        check_architecture("DiT", self, ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
+                                         "num_heads"), zero_ok=("num_classes", "freq_shift"),
+                           divides=(("num_heads", "hidden_size"), ("patch_size", "input_size")))
+        if self.hidden_size % 4:
+            raise ConfigError(f"DiT: hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        finite_number("DiT.mlp_ratio", self.mlp_ratio, low=0.0, low_open=True)
 
     @property
     def out_channels(self) -> int:

@@ -24,7 +24,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from l2c_jax.errors import ConfigError
+from l2c_jax.errors import ConfigError, check_architecture, finite_number
 from l2c_jax.models.cache import run_unit
 from l2c_jax.models.layers import Attention, LayerNorm, Mlp, PatchEmbed, timestep_embedding
 
@@ -60,6 +60,12 @@ class UViTConfig:
     use_checkpoint: bool = False  # gradient checkpointing in the original; ignored here
     conv: bool = False  # final 3x3 conv (the original's constructor default is True)
     skip: bool = True  # long skips into the out blocks
+
+    def __post_init__(self):
+        check_architecture("U-ViT", self, ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"),
+                           zero_ok=("num_classes",),
+                           divides=(("num_heads", "embed_dim"), ("patch_size", "img_size")))
+        finite_number("U-ViT.mlp_ratio", self.mlp_ratio, low=0.0, low_open=True)
 
     @property
     def in_channels(self) -> int:

@@ -24,6 +24,7 @@ what it reports at each log and what it writes at the end. What lives here:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -112,12 +113,79 @@ def metric_writer(workdir: str, *, just_logging: bool = False):
 # The loop
 # ---------------------------------------------------------------------------
 
-def prepare_workdir(config, workdir: str) -> None:
-    """Creates WORKDIR and writes the run's config to WORKDIR/config.json."""
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # one writer where several processes share the directory
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+# What a resumed run may change: how far it goes and how it logs. Anything else (seed, L1 weight, data,
+# step count of the sampler) would mix two configs in one router.
+RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> list:
+    """The dotted keys whose values differ between two config dicts, beyond those a resume may change."""
+    a, b = _flat(saved), _flat(now)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUMABLE)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    d = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def prepare_workdir(config, workdir: str, kind: str) -> None:
+    """Refuses a workdir that is not this training job's, then writes the run's config to WORKDIR/config.json.
+
+    Refused before any work, with nothing changed: a model directory or another kind of job's workdir
+    (`l2c_jax.workdirs.claim`), a config.json no training job wrote, and a resume (a checkpoint exists) whose
+    config differs from the saved one in anything but RESUMABLE, naming the keys. Process 0 only.
+    """
+    from l2c_jax import workdirs
+
+    path = os.path.join(workdir, "config.json")
+    fresh = workdirs.read_record(workdir) is None if os.path.isdir(workdir) else True
+    if fresh and os.path.exists(path) and not _has_checkpoint(workdir) and not workdirs.is_model_dir(workdir):
+        raise ConfigError(f"--workdir {workdir} holds a config.json no training job wrote; give the {kind} job a "
+                          "directory of its own (nothing was changed)")
+    workdirs.claim(workdir, kind)
+    now = json.loads(config.to_json_best_effort(sort_keys=True))
+    if _has_checkpoint(workdir) and os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable ({e}); the checkpoints cannot be matched to a config") from None
+        changed = config_changes(saved, now)
+        if changed:
+            shown = ", ".join(f"{k} ({_flat(saved).get(k, '<absent>')!r} -> {_flat(now).get(k, '<absent>')!r})"
+                              for k in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise ConfigError(f"{workdir} holds the checkpoints of a run with another config: {shown}; resume "
+                              f"with the saved config (only {', '.join(RESUMABLE)} may change) or use another "
+                              "--workdir (nothing was changed)")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(now, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def training_workdir(config, workdir: str, kind: str):
+    """Holds WORKDIR's lock for the block (process 0), after `prepare_workdir`; refusals reach every process."""
+    from l2c_jax import distributed, workdirs
+
+    with contextlib.ExitStack() as held:
+        def claim():
+            held.enter_context(workdirs.lock(workdir))
+            prepare_workdir(config, workdir, kind)
+
+        distributed.on_main(claim, "training workdir")
+        yield
 
 
 @jax.jit

@@ -22,7 +22,7 @@ from l2c_jax.diffusion import create_diffusion
 from l2c_jax.model import Model, architecture
 from l2c_jax.training.data import Batches, make_source
 from l2c_jax.training.dit_objective import dit_training_loss
-from l2c_jax.training.loop import prepare_workdir, train_loop
+from l2c_jax.training.loop import train_loop, training_workdir
 
 
 def dit_initialization(params, key):
@@ -44,10 +44,14 @@ def dit_initialization(params, key):
 
 
 def train_dit(config, workdir: str, report=print) -> dict:
-    """Trains (or resumes training) a DiT from scratch; returns the log history and the model path."""
+    """Trains (or resumes training) a DiT from scratch; returns the log history and the model path.
+    The workdir is checked before any work and locked while the job runs (`training_workdir`)."""
+    with training_workdir(config, workdir, "train_dit"):
+        return _train_dit(config, workdir, distributed.main_only(report))
+
+
+def _train_dit(config, workdir: str, report) -> dict:
     tc = config.train
-    report = distributed.main_only(report)
-    prepare_workdir(config, workdir)
     arch = architecture(config.model)  # the config schema's rules: l2c_jax/configs/common.py
     model = Model.random("dit", arch, int(config.seed))
     model.params = dit_initialization(model.params, jax.random.key(int(config.seed) + 3))

@@ -33,12 +33,12 @@ import numpy as np
 import optax
 
 from l2c_jax import distributed, parallel
-from l2c_jax.errors import ConfigError, finite_number
+from l2c_jax.errors import finite_number, whole_number
 from l2c_jax.images import save_png
 from l2c_jax.model import model_from_config
 from l2c_jax.router import save_router
 from l2c_jax.training.data import Batches, make_source
-from l2c_jax.training.loop import TrainingDiverged, prepare_workdir, train_loop
+from l2c_jax.training.loop import TrainingDiverged, train_loop, training_workdir
 from l2c_jax.training.objectives import RouterObjective, router_objective
 from l2c_jax.training.trajectories import record_trajectories, trajectories_dir
 from l2c_jax.vae import load_vae
@@ -107,9 +107,7 @@ def check_train_config(tc) -> None:
     """The training knobs, checked before any work: a count below 1 or a non-finite rate failed late (a
     NumPy or division error after the model loaded) or, for 0 steps, wrote an untrained router."""
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        v = tc.get(key, 1)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ConfigError(f"train.{key} must be a whole number of at least 1, got {v!r}")
+        whole_number(f"train.{key}", tc.get(key, 1), low=1)
     finite_number("train.lr", tc.get("lr"), low=0.0, low_open=True)
     finite_number("train.l1", tc.get("l1"), low=0.0)
     if tc.get("clamp") is not None:
@@ -117,11 +115,18 @@ def check_train_config(tc) -> None:
 
 
 def train_router(config, workdir: str, report=print) -> dict:
-    """Trains (or resumes training) a router; returns final metrics and paths."""
+    """Trains (or resumes training) a router; returns final metrics and paths.
+
+    The knobs and the workdir are checked before any work (`check_train_config`,
+    `l2c_jax.training.loop.training_workdir`), and the workdir is locked while the job runs.
+    """
+    check_train_config(config.train)
+    with training_workdir(config, workdir, "train_router"):
+        return _train_router(config, workdir, distributed.main_only(report))
+
+
+def _train_router(config, workdir: str, report) -> dict:
     tc = config.train
-    check_train_config(tc)
-    report = distributed.main_only(report)
-    prepare_workdir(config, workdir)
     model = model_from_config(config.model)
     vae = _load_vae(config)
     objective = router_objective(model, config)
