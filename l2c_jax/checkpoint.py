@@ -90,8 +90,34 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
         raise CheckpointError(f"{directory}: checkpoint does not match the configured model: {_one_line(e)}") \
             from None
     except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types; the user needs one line
+        _silence_abandoned_reads()
         raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {_one_line(e)}); "
                               "convert the original weights again") from None
+
+
+def _silence_abandoned_reads() -> None:
+    """Drops the tracebacks of orbax's sibling reads abandoned by a failed restore.
+
+    When one array of a damaged checkpoint fails, orbax's other read coroutines
+    fail too and are never awaited; Python prints each as "Exception ignored
+    in <coroutine ...>" (a screenful of TensorStore specs) when it collects
+    them, burying the one-line error. Only those coroutines are dropped.
+    """
+    import gc
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_l2c_quiet", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            previous(unraisable)
+
+    hook._l2c_quiet = True
+    sys.unraisablehook = hook
+    gc.collect()
 
 
 def _one_line(e: BaseException, n: int = 240) -> str:
