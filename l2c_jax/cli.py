@@ -16,6 +16,14 @@ from l2c_jax.errors import ConfigError, L2CError
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Runs a command's `main`, turning errors into one line and an exit status.
+
+    With `argv` None (a process's entry point: the console commands and scripts) the process is about
+    to end on an error, and what the interpreter prints while shutting down is discarded after the
+    error line (`_quiet_exit`); with an explicit `argv` (a caller in the same process) stderr is left
+    alone.
+    """
+    entry = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("L2C_VERBOSE") == "1"
     try:
@@ -24,7 +32,7 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         if verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _quiet_exit(2, verbose or not entry)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -35,6 +43,23 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         print(f"error: {type(e).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
+
+
+def _quiet_exit(code: int, keep_stderr: bool) -> None:
+    """Exits after the one-line error, with later stderr (interpreter shutdown) discarded unless kept.
+
+    A failed orbax restore leaves read coroutines that Python may finalize only at shutdown, printing
+    each as "Exception ignored in <coroutine ...>" with a screen of TensorStore specs below the error;
+    nothing written after the error line helps the user, and `--verbose` keeps it all.
+    """
+    sys.stderr.flush()
+    if not keep_stderr:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in-process)
+            pass
+    sys.exit(code)
 
 
 def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):

@@ -262,7 +262,8 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
 
     Reports, in the paper's form, latency, share of sub-layers computed, FID (in the feature space
     `config.eval.features` names), fidelity to the full sampler (PSNR), and writes a side-by-side PNG (a row
-    per schedule). `config.compare_cache_dtype` adds the L2C row with its carried cache in that dtype.
+    per schedule) and the table as compare.json. `config.compare_cache_dtype` adds the L2C row with its
+    carried cache in that dtype.
     """
     import ml_collections
 
@@ -323,6 +324,8 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
         report(f"{narrow} feature cache: PSNR {r['psnr_to_float32_cache']:.1f} dB to the float32-cache L2C images, "
                f"{r['psnr_to_full']:.1f} dB to full DDIM {steps}"
                + (f", FID {r['fid']:.2f}" if r["fid"] is not None else ""))
+    with open(os.path.join(workdir, "compare.json"), "w") as f:  # the table, for scripts and tests
+        json.dump(dict(rows=rows), f, indent=1, default=float)
     return rows
 
 

@@ -36,6 +36,7 @@ def _rel(a, b):
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["Inception Score", "FID", "sFID"])
 def test_exact_metrics(metrics, expected, key):
     assert _rel(metrics[key], expected[key]) < 1e-5, (metrics[key], expected[key])
@@ -53,6 +54,7 @@ def test_precision_recall_within_a_few_samples(metrics, expected, key, n):
     assert abs(metrics[key] - expected[key]) * n <= 5, (metrics[key], expected[key])
 
 
+@pytest.mark.slow
 def test_stored_statistics_are_used(metrics):
     f = _features()
     mu, sigma = adm.statistics(f["ref_pool"])

@@ -8,22 +8,25 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, fixture_path
+from docs_blocks import run_block
 from l2c_jax.bench.flops import flop_bound, unit_flops
 from l2c_jax.bench.sampling import ROW_KEYS
 from l2c_jax.models.dit import DiTConfig
 
 
 def _run(tmp_path, *overrides):
+    """docs/performance.md's smoke command as written (tests/docs_blocks.py), with these overrides."""
+    import shlex
     out = tmp_path / "rows.jsonl"
-    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--config", "configs/bench.py:smoke",
-                        f"--config.output={out}", f"--config.compilation_cache_dir={tmp_path / 'xla'}",
-                        *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    r = run_block("bench_smoke", tmp_path, append=" ".join(shlex.quote(a) for a in (
+        f"--config.output={out}", f"--config.compilation_cache_dir={tmp_path / 'xla'}", *overrides)))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1
     return rows[0], r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["static", "cond"])
 def test_tiny_benchmark_writes_a_complete_row(tmp_path, strategy):
     row, stdout = _run(tmp_path, f"--config.strategy={strategy}", "--config.repeats=1")
@@ -41,8 +44,17 @@ def test_tiny_benchmark_writes_a_complete_row(tmp_path, strategy):
     assert row["memory"]["peak_rss_sampling_bytes"] > 0
     assert row["machine"]["cores"] >= 1 and row["machine"]["backend"]
     assert "speed-up" in stdout and "FLOP bound" in stdout and "ratio" in stdout
+    # The values agree with each other, not only exist: the speed-up is the medians' ratio, its ratio to the
+    # bound is that over the bound, a schedule that reuses has a bound above 1 that the fixed parts only lower.
+    for kind in ("full", "l2c"):
+        assert row[kind]["min"] <= row[kind]["median"] <= row[kind]["max"]
+        assert row[kind]["times"][0] == pytest.approx(row[kind]["median"], abs=1e-3)  # times are rounded
+    assert row["speedup"] == pytest.approx(row["full"]["median"] / row["l2c"]["median"])
+    assert row["speedup_over_bound"] == pytest.approx(row["speedup"] / row["flop_bound"])
+    assert 1.0 < row["bound_with_fixed"] <= row["flop_bound"]
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_bfloat16_truncated_schedule_with_fixture_router(tmp_path):
     row, _ = _run(tmp_path, "--config.dtype=bfloat16", "--config.max_steps=4", "--config.measure_compile=False",
                   "--config.repeats=1", "--config.warmup=0",
@@ -72,6 +84,7 @@ def test_bad_strategy_is_a_clear_error(tmp_path):
     assert r.returncode != 0 and "strategy" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_tiny_forward_mode_reports_flop_rate(tmp_path):
     row, stdout = _run(tmp_path, "--config.mode=forward", "--config.repeats=2", "--config.warmup=1",
                        "--config.dtype=float32", "--config.batch_size=3")
@@ -79,6 +92,7 @@ def test_tiny_forward_mode_reports_flop_rate(tmp_path):
     fwd = row["forward"]
     assert fwd["n"] == 2 and fwd["median"] > 0 and fwd["tflops"] > 0 and fwd["flops"] > 0
     assert fwd["mfu"] is None and "peak" in fwd["peak_source"]  # CPUs have no datasheet peak
+    assert fwd["tflops"] == pytest.approx(fwd["flops"] / fwd["median"] / 1e12)  # the rate is FLOPs over time
     assert row["matmul"]["tflops"] > 0 and row["matmul"]["forward_over_matmul"] > 0
     assert "TFLOP/s" in stdout
     # with a peak given, MFU is the rate over it

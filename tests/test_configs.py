@@ -121,6 +121,7 @@ def test_random_init_follows_name_and_arch():
             abstract("configs/dit_sample.py:xl2_256_ddim20", *extra)
 
 
+@pytest.mark.slow
 def test_smoke_models_and_the_benchmark_model():
     from l2c_jax.bench.harness import build_model, model_config
     from l2c_jax.model import model_from_config

@@ -51,6 +51,7 @@ def _diffusers_forward(m, x, t, y):
         return m(torch.from_numpy(x), timestep=torch.from_numpy(t), class_labels=torch.from_numpy(y)).sample.numpy()
 
 
+@pytest.mark.slow
 def test_transformer_folder_matches_diffusers(tmp_path, capsys):
     m = _tiny_transformer()
     m.save_pretrained(tmp_path / "transformer")

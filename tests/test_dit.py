@@ -142,6 +142,7 @@ def test_reused_units_are_absent_from_the_compiled_graph():
     assert (softmaxes(hlo_full), softmaxes(hlo_attn), softmaxes(hlo_none)) == (4, 0, 0)
 
 
+@pytest.mark.slow
 def test_every_released_variant_builds():
     from l2c_jax.model import abstract_params
     for name, (depth, hidden, patch, heads) in DIT_VARIANTS.items():
@@ -173,6 +174,7 @@ def run_convert(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path, model, io):
     out_dir = tmp_path / "dit"
     r = run_convert("--checkpoint", fixture_path("dit", "dit_tiny_train_ckpt.pt"), "--num-heads", "4",
@@ -200,6 +202,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("as_torch_zip", [True, False])
 def test_refuses_pickle_payload(tmp_path, as_torch_zip):
     """A checkpoint whose unpickling would run code (here: create a file) is refused, and nothing runs."""
@@ -220,6 +223,7 @@ def test_refuses_pickle_payload(tmp_path, as_torch_zip):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_refuses_truncated_file(tmp_path):
     data = open(fixture_path("dit", "dit_tiny.pt"), "rb").read()
     bad = tmp_path / "half.pt"
@@ -233,6 +237,7 @@ def test_refuses_missing_file(tmp_path):
     _assert_one_line_error(r, "no such file")
 
 
+@pytest.mark.slow
 def test_refuses_wrong_architecture(tmp_path):
     r = run_convert("--checkpoint", fixture_path("dit", "dit_tiny.pt"), "--model", "DiT-XL/2",
                     "--out", str(tmp_path / "o"))
@@ -244,6 +249,7 @@ def test_refuses_missing_heads(tmp_path):
     _assert_one_line_error(r, "--num-heads")
 
 
+@pytest.mark.slow
 def test_mismatched_keys_are_named(tmp_path):
     import torch
     sd = torch.load(fixture_path("dit", "dit_tiny.pt"), weights_only=True)

@@ -172,6 +172,7 @@ def test_truncated_samples_fail_cleanly(tmp_path):
         evaluator.evaluate(str(cut), path, StandIn(), progress=False)
 
 
+@pytest.mark.slow
 def test_real_network_with_random_weights(tmp_path):
     """The converted FID Inception-v3 (fixtures' random weights) through the whole path, a few images."""
     pytest.importorskip("l2c_jax.eval.inception")

@@ -152,6 +152,7 @@ def finished_workdir(tmp_path_factory):
     return w
 
 
+@pytest.mark.slow
 def test_finished_workdir_rerun_with_another_seed_is_refused(finished_workdir, tmp_path):
     import shutil
     w = tmp_path / "w"
@@ -293,6 +294,7 @@ def test_orphaned_shards_are_refused(tmp_path):
     assert sorted(os.listdir(tmp_path / "shards")) == ["shard-000000000.npz"]
 
 
+@pytest.mark.slow
 def test_training_resume_with_another_config_is_refused_naming_keys(tmp_path):
     from l2c_jax.configs.router_digits import get_config
     from l2c_jax.training.trainer import train_router
@@ -342,7 +344,7 @@ def test_damaged_orbax_directory_is_one_line(dit_dir, tmp_path, damage):
         os.remove(path)
     else:
         open(path, "r+b").truncate(16)
-    code = f"from l2c_jax.cli import run_main; from l2c_jax.model import load_model; run_main(lambda a: load_model({model!r}), [])"
+    code = f"from l2c_jax.cli import run_main; from l2c_jax.model import load_model; run_main(lambda a: load_model({model!r}))"
     r = _run("-c", code)
     _one_line(r, model)
     assert len(r.stderr.strip()) < 600, r.stderr
@@ -383,6 +385,7 @@ def test_a_workdir_held_by_a_live_job_is_refused_and_a_stale_lock_taken_over(tmp
     assert (tmp_path / "samples.npz").exists() and not (tmp_path / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_two_sampling_jobs_on_one_workdir(tmp_path):
     """A real second process while the first samples: refused at once, the first finishes whole."""
     import time

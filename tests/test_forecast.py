@@ -157,6 +157,7 @@ def test_the_router_loss_forecasts_as_the_sampler_does(model, io, period, order)
     assert checked == steps - len(range(0, steps - 1, period))
 
 
+@pytest.mark.slow
 def test_forecasting_schedules_run_in_one_graph_per_step_compiled_once(model, io):
     """Every step of a forecasting schedule is one dispatch of one compiled graph (the forecast inside it):
     compiling the schedule ahead covers every graph, and sampling then compiles nothing (DDPM too)."""
@@ -181,6 +182,7 @@ def test_forecasting_schedules_run_in_one_graph_per_step_compiled_once(model, io
             assert counter.count(lambda: smp(noise, y, sched, key=key)) == 0
 
 
+@pytest.mark.slow
 def test_static_cond_and_auto_forecast_alike_and_history_dtype_is_close(model, io):
     from l2c_jax.sampling import DiTSampler
 
@@ -199,6 +201,7 @@ def test_static_cond_and_auto_forecast_alike_and_history_dtype_is_close(model, i
     assert rel_err(copies, static) > 10 * rel_err(bf16, static)
 
 
+@pytest.mark.slow
 def test_the_schedule_path_serves_the_api_and_refuses_what_it_cannot_run(model, io):
     from l2c_jax.methods import Context, make_schedule
     from l2c_jax.sampling import DiTSampler, sample

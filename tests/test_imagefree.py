@@ -33,6 +33,7 @@ def _smoke_trajectories(tmp_path, n=6, batch=4, name="t"):
     return config, model, record_trajectories(config, str(tmp_path / name), model, **QUIET)
 
 
+@pytest.mark.slow
 def test_recorded_trajectories_are_the_full_samplers_states(tmp_path):
     from l2c_jax.diffusion import create_diffusion
     from l2c_jax.sampling.draws import draw_labels, sample_noise
@@ -114,6 +115,7 @@ def test_the_dit_loss_from_states_is_the_loss_from_noised_images(period, forecas
     assert rel_err(got, want) < 1e-6 and rel_err(g_got, g_want) < 1e-5 and np.abs(np.asarray(g_got)).max() > 0
 
 
+@pytest.mark.slow
 def test_the_uvit_loss_from_states_is_the_loss_from_noised_images():
     from l2c_jax.training.losses import UViTLossSchedule, uvit_router_loss
 
@@ -137,6 +139,7 @@ def test_the_uvit_loss_from_states_is_the_loss_from_noised_images():
                                   tables.timesteps[:-1])
 
 
+@pytest.mark.slow
 def test_image_free_training_runs_end_to_end_and_reuses_its_trajectories(tmp_path):
     from l2c_jax.training.trainer import train_router
 

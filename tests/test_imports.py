@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 PACKAGE = "l2c_jax"
@@ -97,6 +99,7 @@ def test_the_checker_sees_function_level_imports():
     assert "l2c_jax.convert.rules" in deps and "l2c_jax.model" in deps
 
 
+@pytest.mark.slow
 def test_import_sampling_and_conversion_load_no_tensorflow():
     router = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "routers", "DDIM20_router.pt")
     code = ("import sys, numpy as np, l2c_jax\n"

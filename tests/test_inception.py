@@ -64,6 +64,7 @@ def outputs(converted):
     return net, net.features(x), io
 
 
+@pytest.mark.slow
 def test_directory_layout(converted):
     with open(os.path.join(converted, "config.json")) as f:
         meta = json.load(f)
@@ -135,6 +136,7 @@ def test_bad_checkpoint_is_refused_in_one_line(state_dict, tmp_path, capsys, cas
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_sampling_job_scores_itself(converted, tmp_path):
     """`--config.evaluate.reference` makes the sampling job print the ADM evaluator's five lines."""
     import json

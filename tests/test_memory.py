@@ -60,6 +60,7 @@ def _peak(directory, steps, strategy):
     return json.loads(p.stdout.split("PEAK ")[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["static", "cond"])
 def test_peak_memory_does_not_grow_with_steps(xl_width_checkpoint, strategy):
     short = _peak(xl_width_checkpoint, 2, strategy)

@@ -32,6 +32,7 @@ def one_process(tmp_path_factory):
     return _images(work)
 
 
+@pytest.mark.slow
 def test_sampling_over_two_processes_gives_the_one_process_images(one_process, tmp_path):
     with job("sample", SAMPLE + ["--workdir", str(tmp_path)], logdir=tmp_path) as j:
         j.check(300)
@@ -63,6 +64,7 @@ def _train_on_one_and_two_processes(args, tmp_path):
         return j.output(0), j.output(1)
 
 
+@pytest.mark.slow
 def test_router_training_over_two_processes_gives_the_one_process_router(tmp_path):
     from l2c_jax.router import load_router
 
@@ -79,6 +81,7 @@ def test_router_training_over_two_processes_gives_the_one_process_router(tmp_pat
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_image_free_training_over_two_processes_records_and_trains_as_one(tmp_path):
     """Each process records every other batch of trajectories into the shared files, then trains on them."""
     from l2c_jax.router import load_router
@@ -96,6 +99,7 @@ def test_image_free_training_over_two_processes_records_and_trains_as_one(tmp_pa
     assert np.abs(two - one).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_killed_sampling_job_resumes_to_the_same_npz(one_process, tmp_path):
     shards = tmp_path / "shards"
     with job("sample", SAMPLE + ["--workdir", str(tmp_path)], logdir=tmp_path) as j:
@@ -115,6 +119,7 @@ def test_killed_sampling_job_resumes_to_the_same_npz(one_process, tmp_path):
     np.testing.assert_array_equal(_images(tmp_path), one_process)
 
 
+@pytest.mark.slow
 def test_latent_extraction_over_two_processes_writes_the_one_process_files(tmp_path):
     import subprocess
     import sys

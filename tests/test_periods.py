@@ -72,6 +72,7 @@ def test_a_period_trains_the_rows_of_its_cache_steps(model, io, forecast):
     np.testing.assert_array_equal(np.flatnonzero(np.abs(np.asarray(grad)).sum(1) > 0), [0])
 
 
+@pytest.mark.slow
 def test_period_routers_train_and_sample_end_to_end(tmp_path):
     from l2c_jax.cli import parse_config_flags
     from l2c_jax.pipelines import run_sampling
@@ -83,6 +84,11 @@ def test_period_routers_train_and_sample_end_to_end(tmp_path):
     out = train_router(config, str(tmp_path / "train"), report=lambda *_: None)
     router = load_router(out["router"])
     assert (router.steps, router.period, router.forecast) == (12, 3, "taylor1")
+    # Which rows trained: only cache steps' rows moved from the trainer's torch.randn-like start; the rows of
+    # the period starts (full steps) were never in a loss.
+    start = np.asarray(jax.random.normal(jax.random.key(int(config.seed) + 1), router.prob.shape, jnp.float32))
+    moved = np.flatnonzero(np.abs(np.asarray(router.prob) - start).max(1) > 0)
+    assert len(moved) > 0 and set(moved.tolist()) <= set(router.cache_rows()), (moved, router.cache_rows())
     config, _ = parse_config_flags(["--config", "configs/dit_sample.py:digits_ddim20_l2c",
                                     f"--config.router.checkpoint={out['router']}", "--config.sampler.steps=12",
                                     "--config.num_samples=8", "--config.batch_size=8"])

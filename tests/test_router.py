@@ -261,6 +261,7 @@ def cli_runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_cli_convert_and_export(cli_runs):
     tmp = cli_runs["tmp"]
     res = cli_runs["convert"]

@@ -58,13 +58,30 @@ def test_deterministic_given_noise(model, io):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_ddpm_needs_a_key_and_runs(model, io):
+def test_ddpm_is_the_posterior_chain_with_per_image_draws(model, io):
+    """DDPM is the original's p_sample chain (`ddpm_step`, tested against it in test_diffusion) over the
+    model's outputs, with each image's noise drawn from its own key: an image's result does not depend
+    on the batch it is sampled in, and the noise matters at every step but the last."""
     import jax
+    from l2c_jax.sampling.dit import _per_sample_normal
     noise = jnp.asarray(io["ddim_noise"].transpose(0, 2, 3, 1)[:2])
+    y = jnp.asarray(io["ddim_y"][:2])
     with pytest.raises(ConfigError, match="PRNG key"):
-        sample(model, noise, io["ddim_y"][:2], solver="ddpm", steps=4)
-    out = sample(model, noise, io["ddim_y"][:2], solver="ddpm", steps=4, key=jax.random.key(0))
-    assert out.shape == noise.shape and np.all(np.isfinite(np.asarray(out)))
+        sample(model, noise, y, solver="ddpm", steps=4)
+    keys = jax.random.split(jax.random.key(0), 2)
+    s = DiTSampler(model, 4, solver="ddpm")
+    out = np.asarray(s(noise, y, key=keys))
+    x = noise
+    for step, i in enumerate(s.diffusion.sampling_indices()):
+        t = jnp.broadcast_to(s.diffusion.model_timesteps(i), (2,))
+        o, _ = model.apply(model.params, x, t, y)
+        x = s.diffusion.ddpm_step(o, x, i, _per_sample_normal(keys, jnp.int32(step), x.shape[1:]))
+    assert rel_err(out, x) < 1e-5
+    alone = np.asarray(s(noise[1:], y[1:], key=keys[1:]))
+    assert rel_err(alone[0], out[1]) < 1e-5
+    other = np.asarray(s(noise, y, key=jax.random.split(jax.random.key(1), 2)))
+    ddim = np.asarray(sample(model, noise, y, steps=4))
+    assert rel_err(other, out) > 1e-2 and rel_err(ddim, out) > 1e-2
 
 
 def test_bad_inputs_are_clear_errors(model, router, io):
@@ -79,6 +96,7 @@ def test_bad_inputs_are_clear_errors(model, router, io):
         sample(model, noise[:, :4], io["ddim_y"][:2], steps=2)
 
 
+@pytest.mark.slow
 def test_sample_script_end_to_end_with_tiny_dit_and_vae(tmp_path):
     """Converted tiny DiT + tiny VAE + router -> PNG grid and npz."""
     dit_dir, vae_dir = tmp_path / "dit", tmp_path / "vae"
@@ -107,6 +125,7 @@ def test_sample_script_end_to_end_with_tiny_dit_and_vae(tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (3, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_sample_script_refuses_router_for_other_steps(tmp_path):
     dit_dir = tmp_path / "dit"
     subprocess.run([sys.executable, "convert/dit.py", "--checkpoint", fixture_path("dit", "dit_tiny.pt"),

@@ -87,6 +87,8 @@ def test_ahead_of_time_compile_covers_the_schedule(model, router, io):
     assert rel_err(cond(noise, io["ddim_y"][:2], masks), np.asarray(out)) < 1e-5
     ref = DiTSampler(model, 10, cfg_scale=4.0)(noise, io["ddim_y"][:2], masks)
     assert rel_err(out, np.asarray(ref)) < 1e-6
+    full = DiTSampler(model, 10, cfg_scale=4.0)(noise, io["ddim_y"][:2])
+    assert rel_err(out, np.asarray(full)) > 1e-4  # the masks were applied, not ignored
 
 
 def test_bfloat16_cond_runs_close_to_float32(model, router, io):
@@ -116,6 +118,9 @@ def test_uvit_cond_matches_static():
     ref = outs[True, "static"]
     for k, v in outs.items():
         assert rel_err(v, ref) < 1e-5, k
+    # The masks changed the result: every strategy really reused (agreeing by ignoring them would pass above).
+    full = np.asarray(UViTSampler(model, 10, cfg_scale=0.4)(noise, y))
+    assert rel_err(full, ref) > 1e-4
 
 
 def test_strategy_selection_and_errors(model):

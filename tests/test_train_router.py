@@ -65,6 +65,7 @@ def train_cmd(setup, workdir, steps=30, extra=()):
             f"--config.train.steps={steps}", "--config.train.lr=0.05", "--config.train.l1=0.01", *extra]
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_writes_everything(tiny_setup, tmp_path):
     from l2c_jax.cli import parse_config_flags
     from l2c_jax.training.trainer import train_router
@@ -83,6 +84,7 @@ def test_short_run_lowers_the_loss_and_writes_everything(tiny_setup, tmp_path):
     assert np.all(np.abs(router.prob) <= 5.0)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_where_its_checkpoint_was(tiny_setup, tmp_path):
     ref = subprocess.run(train_cmd(tiny_setup, tmp_path / "ref", steps=40), cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -106,6 +108,7 @@ def test_killed_run_resumes_where_its_checkpoint_was(tiny_setup, tmp_path):
     np.testing.assert_allclose(load_router(str(work)).prob, load_router(str(tmp_path / "ref")).prob, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_same_result_as_one(tiny_setup, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     cmd4 = train_cmd(tiny_setup, tmp_path / "d4", steps=10)
@@ -120,6 +123,7 @@ def test_four_devices_give_the_same_result_as_one(tiny_setup, tmp_path):
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "4"
 
 
+@pytest.mark.slow
 def test_bad_configs_fail_cleanly(tiny_setup, tmp_path):
     r = subprocess.run(train_cmd(tiny_setup, tmp_path / "x", extra=["--config.sampler.steps=9"]), cwd=ROOT,
                        capture_output=True, text=True)
@@ -144,6 +148,7 @@ def test_bad_training_knobs_are_refused_before_any_work(flag, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch):
     from l2c_jax.cli import parse_config_flags
     from l2c_jax.training import trainer
@@ -163,6 +168,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_pa
     assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["10"]
 
 
+@pytest.mark.slow
 def test_precomputed_latents_train_like_images(tiny_setup, tmp_path):
     lat = tmp_path / "lat"
     r = subprocess.run([sys.executable, "scripts/extract_latents.py", "--config", "configs/router_dit.py:smoke",

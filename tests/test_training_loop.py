@@ -160,6 +160,7 @@ def dit_cmd(workdir, steps):
             "--config.train.batch_size=16", "--config.train.log_every=10", "--config.train.checkpoint_every=10"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_train_dit_saves_and_the_rerun_continues_exactly(tmp_path):
     from l2c_jax import load_model
 

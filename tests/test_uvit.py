@@ -262,6 +262,7 @@ def _run_in_process(capsys, *args):
     return subprocess.CompletedProcess(args, e.value.code, captured.out, captured.err)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path, conv_model, io):
     out_dir = tmp_path / "uvit"
     r = run_convert("--checkpoint", fixture_path("uvit", "uvit_tiny_conv.pth"), "--num-heads", "4",

@@ -31,6 +31,7 @@ def overrides(root, extra=()):
             "--config.router.threshold=0.5", "--config.sampler.steps=10", *extra]
 
 
+@pytest.mark.slow
 def test_sample_script_end_to_end_with_tiny_uvit_router_and_ldm_vae(converted, tmp_path):
     work = tmp_path / "work"
     r = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/uvit_sample.py:h2_256_nfe20_l2c",

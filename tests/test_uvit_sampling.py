@@ -62,6 +62,7 @@ def test_time_input_convention(io):
     assert 800.2 < t[2][0] < 1000.0
 
 
+@pytest.mark.slow
 def test_separate_cfg_calls_equal_batched(model, io):
     """batch_cfg=False (the original's two calls, two cache pytrees) gives the batched run's results and calls."""
     noise, y = nhwc(io["dpm_noise"]), io["dpm_y"]

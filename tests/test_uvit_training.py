@@ -92,6 +92,7 @@ def six_step_run(tiny_setup, tmp_path_factory):
     return config, workdir, train_router(config, workdir, report=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_short_uvit_run_trains_the_cache_rows_and_writes_a_router(six_step_run):
     from PIL import Image
 

@@ -128,6 +128,7 @@ def _ldm_training_ckpt(path):
     torch.save({"state_dict": sd, "global_step": 7, "epoch": 1}, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["diffusers", "ldm_ckpt"])
 def test_cli_round_trip(which, tmp_path, io, capsys):
     out = tmp_path / "vae"
@@ -248,6 +249,7 @@ def test_naming_round_trip_with_attention_levels(naming, legacy):
     jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, params))
 
 
+@pytest.mark.slow
 def test_full_size_config_shapes():
     """sd-vae-ft-ema's architecture (ch 128, ch_mult 1,2,4,4, 2 res-blocks, z 4) runs end to end."""
     config = VAEConfig()

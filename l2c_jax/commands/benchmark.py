@@ -5,7 +5,7 @@
 
 Common overrides: --config.batch_size=8  --config.dtype=bfloat16  --config.strategy=static|cond|auto
   --config.repeats=2  --config.max_steps=2  --config.torch_reference=/tmp/l2c_orig/DiT  --config.output=FILE
-See BENCHMARKS.md for the measured numbers and the exact commands.
+See docs/performance.md for the measured numbers and the exact commands.
 """
 
 from __future__ import annotations

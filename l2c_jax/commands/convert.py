@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sys
 
 from l2c_jax.cli import run_main
 from l2c_jax.commands import convert_dit, convert_inception, convert_router, convert_uvit, convert_vae
@@ -27,7 +26,7 @@ def main(argv):
 
 def run(argv=None):
     """Console entry point."""
-    run_main(main, sys.argv[1:] if argv is None else argv)
+    run_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def base(image_size=256, steps=20, l2c=False, model="DiT-XL/2"):
     c.seed = 0
     c.repeats = 5  # timed re-runs of the first batch after a warm-up run, as the original reports
     c.dtype = "float32"
-    c.strategy = "auto"  # static | cond; auto = cond on CPU and GPU, static elsewhere (BENCHMARKS.md)
+    c.strategy = "auto"  # static | cond; auto = cond on CPU and GPU, static elsewhere (docs/performance.md)
     c.compilation_cache_dir = "default"  # persistent XLA cache: ~/.cache/l2c_jax/xla, a path, or "off"
     c.workdir = f"out/dit_{tag}_{image_size}_ddim{steps}{'_l2c' if l2c else ''}"
     c.grid = "samples.png"

@@ -111,7 +111,7 @@ def attention_heads_major(q, k, v):
 
     The row normalisation is applied to the (N, hd) output rather than to the
     (N, N) weights: the same numbers, but XLA:CPU then runs attention 2-3x
-    faster than `softmax` followed by the value product (BENCHMARKS.md, 5), and
+    faster than `softmax` followed by the value product (docs/performance.md, section 5), and
     it is the form flash attention uses.
     """
     scale = q.shape[-1] ** -0.5

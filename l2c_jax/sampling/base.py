@@ -8,7 +8,7 @@ Two strategies run a cache schedule, both through the model's one definition
 - "cond": the mask is a traced array, every unit sits behind `lax.cond`; ONE
   graph serves every step of every schedule and the cache is always carried.
   A skipped branch costs nothing measurable on the CPU or on an H200 (the
-  conditional stays on the device; BENCHMARKS.md has the numbers).
+  conditional stays on the device; docs/performance.md has the numbers).
 
 A family's sampler says which graph each model evaluation runs (`_plan`: a
 key per evaluation) and how to lower one (`_lower`); this base keeps the
@@ -35,7 +35,7 @@ STRATEGIES = ("static", "cond")
 
 
 def resolve_strategy(strategy: Optional[str], backend: Optional[str] = None) -> str:
-    """A strategy name, with "auto" resolved to the backend's measured default (BENCHMARKS.md).
+    """A strategy name, with "auto" resolved to the backend's measured default (docs/performance.md).
 
     CPU and GPU: "cond". One graph: on the 2-core CPU it compiles in seconds
     and loads from the persistent cache in about a second; on an H200 (DiT-XL/2,
