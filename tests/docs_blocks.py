@@ -104,14 +104,19 @@ def block(block_id):
 
 
 def run(name, lines, opts, cwd, append="", timeout=None):
-    """Runs one block as written (plus its own `append` and the caller's) in `cwd`; returns the process."""
+    """Runs one block as written (plus its own `append` and the caller's) in `cwd`; returns the process.
+
+    `append`: flags added to every command, or {n: flags} for the n-th command (1-based)."""
     for d in ("scripts", "configs", "convert"):
         if not os.path.exists(os.path.join(cwd, d)):
             os.symlink(os.path.join(ROOT, d), os.path.join(cwd, d))
     # This environment's bin first: its `python` (a link elsewhere would lose the venv) and console commands.
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
-    if append:
-        opts = dict(opts, append=" ".join(x for x in (opts.get("append", ""), append) if x))
+    # the caller's flags: one string for every command, or {n: flags} for the n-th (1-based)
+    for key, extra in ((append.items() if isinstance(append, dict) else [("", append)])):
+        if extra:
+            k = f"append{key}"
+            opts = dict(opts, **{k: " ".join(x for x in (opts.get(k, ""), extra) if x)})
     script = "set -euo pipefail\n" + script_of(lines, opts)
     if "free_port" in opts:
         from multiprocess import free_port

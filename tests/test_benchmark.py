@@ -29,7 +29,9 @@ def _run(tmp_path, *overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["static", "cond"])
 def test_tiny_benchmark_writes_a_complete_row(tmp_path, strategy):
-    row, stdout = _run(tmp_path, f"--config.strategy={strategy}", "--config.repeats=1")
+    # Cold and warm compile (fresh processes) measured once, with static's several graphs.
+    row, stdout = _run(tmp_path, f"--config.strategy={strategy}", "--config.repeats=1",
+                       f"--config.measure_compile={strategy == 'static'}")
     assert set(ROW_KEYS) <= set(row)
     assert row["strategy"] == strategy and row["batch_size"] == 2 and row["dtype"] == "float32"
     for kind in ("full", "l2c"):
@@ -39,8 +41,9 @@ def test_tiny_benchmark_writes_a_complete_row(tmp_path, strategy):
     assert 0 < row["computed_share"] < 1
     assert {"speedup", "speedup_over_bound"} <= set(row) and row["speedup"] > 0
     comp = row["compile"]
-    assert {"cold_s", "warm_s", "graphs", "in_process_s"} <= set(comp)
-    assert comp["graphs"] >= 1 and (comp["graphs"] == 1) == (strategy == "cond")
+    assert "in_process_s" in comp and ({"cold_s", "warm_s", "graphs"} <= set(comp)) == (strategy == "static")
+    if strategy == "static":  # cond's one graph: tests/test_strategies.py
+        assert comp["graphs"] > 1
     assert row["memory"]["peak_rss_sampling_bytes"] > 0
     assert row["machine"]["cores"] >= 1 and row["machine"]["backend"]
     assert "speed-up" in stdout and "FLOP bound" in stdout and "ratio" in stdout

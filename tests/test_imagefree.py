@@ -141,14 +141,15 @@ def test_the_uvit_loss_from_states_is_the_loss_from_noised_images():
 
 @pytest.mark.slow
 def test_image_free_training_runs_end_to_end_and_reuses_its_trajectories(tmp_path):
-    from l2c_jax.training.trainer import train_router
-
-    config = _config("router_dit.py:smoke_imagefree", "--config.train.steps=6", "--config.train.log_every=3",
-                     "--config.train.checkpoint_every=6")
-    out = train_router(config, str(tmp_path / "w"), **QUIET)
-    router = load_router(out["router"])
-    assert router.steps == 10 and np.isfinite(out["history"][-1]["loss"])
-    assert os.path.isfile(tmp_path / "w" / "trajectories" / "trajectories.json")
+    # docs/imagefree_routers.md's digits command as written (tests/docs_blocks.py), short.
+    from docs_blocks import run_block
+    r = run_block("imagefree", tmp_path, append="--config.train.steps=6 --config.train.batch_size=8 "
+                  "--config.train.log_every=3 --config.train.checkpoint_every=6 --config.data.num_trajectories=8 "
+                  "--config.data.trajectory_batch_size=8")
+    assert "recording 8 trajectories" in r.stdout and "no images" not in r.stderr
+    router = load_router(str(tmp_path / "runs" / "free20" / "router.safetensors"))
+    assert router.steps == 20 and np.isfinite(router.prob).all()
+    assert os.path.isfile(tmp_path / "runs" / "free20" / "trajectories" / "trajectories.json")
     # The U-ViT route as users run it: the script, from nothing downloaded.
     cmd = [sys.executable, "scripts/train_router.py", "--config", "configs/router_uvit.py:smoke_imagefree",
            "--workdir", str(tmp_path / "u"), "--config.train.steps=4", "--config.train.log_every=2"]

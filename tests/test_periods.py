@@ -74,24 +74,23 @@ def test_a_period_trains_the_rows_of_its_cache_steps(model, io, forecast):
 
 @pytest.mark.slow
 def test_period_routers_train_and_sample_end_to_end(tmp_path):
-    from l2c_jax.cli import parse_config_flags
-    from l2c_jax.pipelines import run_sampling
-    from l2c_jax.training.trainer import train_router
+    """docs/cache_periods.md's two commands as written (tests/docs_blocks.py), short: a period-4 router
+    with second-order forecasts trains, then samples forecasting by itself."""
+    import json
 
-    config, _ = parse_config_flags(["--config", "configs/router_digits.py:12_k3_taylor1", "--config.train.steps=6",
-                                    "--config.train.batch_size=16", "--config.train.log_every=3",
-                                    "--config.train.checkpoint_every=6"])
-    out = train_router(config, str(tmp_path / "train"), report=lambda *_: None)
-    router = load_router(out["router"])
-    assert (router.steps, router.period, router.forecast) == (12, 3, "taylor1")
+    from docs_blocks import run_block
+    run_block("periods", tmp_path, append={
+        1: "--config.train.steps=6 --config.train.batch_size=16 --config.train.log_every=3 "
+           "--config.train.checkpoint_every=6",
+        2: "--config.num_samples=8 --config.batch_size=8 --config.strategy=cond"})  # one graph for 50 steps
+    router = load_router(str(tmp_path / "runs" / "k4t2" / "router.safetensors"))
+    assert (router.steps, router.period, router.forecast) == (50, 4, "taylor2")
     # Which rows trained: only cache steps' rows moved from the trainer's torch.randn-like start; the rows of
     # the period starts (full steps) were never in a loss.
-    start = np.asarray(jax.random.normal(jax.random.key(int(config.seed) + 1), router.prob.shape, jnp.float32))
+    seed = json.load(open(tmp_path / "runs" / "k4t2" / "config.json"))["seed"]
+    start = np.asarray(jax.random.normal(jax.random.key(int(seed) + 1), router.prob.shape, jnp.float32))
     moved = np.flatnonzero(np.abs(np.asarray(router.prob) - start).max(1) > 0)
     assert len(moved) > 0 and set(moved.tolist()) <= set(router.cache_rows()), (moved, router.cache_rows())
-    config, _ = parse_config_flags(["--config", "configs/dit_sample.py:digits_ddim20_l2c",
-                                    f"--config.router.checkpoint={out['router']}", "--config.sampler.steps=12",
-                                    "--config.num_samples=8", "--config.batch_size=8"])
-    result = run_sampling(config, str(tmp_path / "sample"), report=lambda *_: None)
-    assert result["num_images"] == 8 and result["computed_share"] == pytest.approx(
-        router.masks().mean())
+    report = json.load(open(tmp_path / "out" / "digits_ddim50_l2c" / "report.json"))
+    assert report["num_images"] == 8 and report["computed_share"] == pytest.approx(router.masks().mean())
+    assert report["forecast"] == "taylor2" and 0 < report["history_bytes"] <= report["history_bytes_all_units"]

@@ -164,7 +164,7 @@ def dit_cmd(workdir, steps):
 def test_sigterm_during_train_dit_saves_and_the_rerun_continues_exactly(tmp_path):
     from l2c_jax import load_model
 
-    steps, work = 200, tmp_path / "killed"
+    steps, work = 60, tmp_path / "killed"
     # A fresh compilation cache: the rerun loads the step graph the first runs compiled.
     env = dict(os.environ, L2C_JAX_CACHE_DIR=str(tmp_path / "xla"))
     ref = subprocess.Popen(dit_cmd(tmp_path / "ref", steps), cwd=ROOT, stdout=subprocess.PIPE,
