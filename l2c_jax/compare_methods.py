@@ -206,7 +206,11 @@ def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
 
     report = distributed.main_only(report)
     workdir = workdir or config.get("workdir") or "."
-    os.makedirs(workdir, exist_ok=True)
+    with distributed.hold_workdir(workdir, "methods"):
+        return _run_methods(config, workdir, report, make_schedule)
+
+
+def _run_methods(config, workdir, report, make_schedule) -> list:
     h = Harness(config, workdir, report)
     rows = []
     for steps in [int(s) for s in config.steps]:
@@ -267,8 +271,7 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
     """
     import ml_collections
 
-    from l2c_jax import images as imio
-    from l2c_jax.methods import make_schedule
+    from l2c_jax import distributed
 
     if config.get("router") is None or not config.router.get("checkpoint"):
         raise ConfigError("compare needs config.router.checkpoint")
@@ -280,7 +283,14 @@ def run_compare(config, workdir: Optional[str] = None, report=print) -> list:
         eval=dict(features=config.eval.get("features") or ""), calibration=dict(num_samples=8, seed=1000),
         vae=config.get("vae") or dict(checkpoint="")))
     workdir = workdir or config.get("workdir") or "."
-    os.makedirs(workdir, exist_ok=True)
+    with distributed.hold_workdir(workdir, "compare"):
+        return _run_compare(config, workdir, report, hc, steps)
+
+
+def _run_compare(config, workdir, report, hc, steps) -> list:
+    from l2c_jax import images as imio
+    from l2c_jax.methods import make_schedule
+
     h = Harness(hc, workdir, report)
     ctx = h.begin(steps)
     l2c = make_schedule(ctx, "l2c")

@@ -22,6 +22,7 @@ the others must not give up on it. L2C_DISTRIBUTED_TIMEOUT_S lowers all three
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Optional
@@ -159,3 +160,20 @@ def on_main(fn: Callable, name: str):
 
 
 _MESSAGE_BYTES = 1024
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str, kind: str):
+    """The workdir is this job's for the block: process 0 locks it and records its kind
+    (`l2c_jax.workdirs`: a model directory, a workdir of another kind or one a live job holds is
+    refused before any work), and every process raises the same line if it was refused."""
+    from l2c_jax import workdirs
+
+    with contextlib.ExitStack() as held:
+        def take():
+            held.enter_context(workdirs.lock(workdir))
+            workdirs.claim(workdir, kind)
+
+        on_main(take, f"{kind} workdir")
+        yield
+

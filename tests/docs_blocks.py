@@ -10,6 +10,12 @@ A block is runnable when the line before its opening fence is an HTML comment
     <!-- runnable: free_port=localhost:12355 -->    that address replaced by a free port
     <!-- runnable: id=quickstart by=test_digits.py --> run by that test (`run_block("quickstart", ...)`),
                                                     which checks what the command wrote
+    <!-- runnable: files=DDIM20_router.pt:routers/DDIM20_router.pt -->
+                                                    the file a command reads, as a link to that
+                                                    reference fixture (../shared/fixtures) under the
+                                                    documented name (comma-separated pairs)
+    <!-- runnable: expect=1 -->                     each `# ...` comment line right after a command
+                                                    is output the command must print
 
 `append` holds what makes a documented command the smallest run that still
 exercises it (fewer samples or steps); nothing else of the line changes. A
@@ -26,7 +32,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, fixture_path
 
 MARK = re.compile(r"^<!--\s*runnable(?::\s*(?P<opts>.*?))?\s*-->\s*$")
 SETUP = re.compile(r"^python3 -m venv \.venv && \.venv/bin/pip install [^&]*&& ")
@@ -103,6 +109,19 @@ def block(block_id):
     return found[0]
 
 
+def expected_output(lines):
+    """The `# ...` comment lines that directly follow a command: what the documentation says it prints."""
+    out, after_command = [], False
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            if after_command:
+                out.append(text.lstrip("#").strip())
+        else:
+            after_command = bool(text) and not text.endswith("\\")
+    return out
+
+
 def run(name, lines, opts, cwd, append="", timeout=None):
     """Runs one block as written (plus its own `append` and the caller's) in `cwd`; returns the process.
 
@@ -110,6 +129,10 @@ def run(name, lines, opts, cwd, append="", timeout=None):
     for d in ("scripts", "configs", "convert"):
         if not os.path.exists(os.path.join(cwd, d)):
             os.symlink(os.path.join(ROOT, d), os.path.join(cwd, d))
+    for pair in filter(None, opts.get("files", "").split(",")):
+        dest, src = pair.split(":")
+        os.makedirs(os.path.dirname(os.path.join(cwd, dest)) or cwd, exist_ok=True)
+        os.symlink(fixture_path(*src.split("/")), os.path.join(cwd, dest))
     # This environment's bin first: its `python` (a link elsewhere would lose the venv) and console commands.
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     # the caller's flags: one string for every command, or {n: flags} for the n-th (1-based)
@@ -124,6 +147,9 @@ def run(name, lines, opts, cwd, append="", timeout=None):
     r = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=timeout or int(opts.get("timeout", 600)))
     assert r.returncode == 0, f"{name} failed:\n{script}\n--- stderr\n{r.stderr[-3000:]}"
+    if opts.get("expect"):
+        for text in expected_output(lines):
+            assert text in r.stdout + r.stderr, f"{name}: the documented output {text!r} is not printed:\n{r.stdout}"
     return r
 
 

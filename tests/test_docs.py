@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from docs_blocks import MARK, all_blocks, documents, script_of
+from docs_blocks import MARK, all_blocks, documents, expected_output, script_of
 
 ALL = all_blocks()
 HERE = [b for b in ALL if "by" not in b[2]]
@@ -37,6 +37,13 @@ def test_the_script_is_the_documented_command_plus_its_append():
     loop = ["for i in 0 1; do l2c-sample --config c.py --id $i & done; wait"]
     assert script_of(loop, {"append": "--n=2"}) == \
         "for i in 0 1; do l2c-sample --config c.py --id $i --n=2 & done; for j in $(jobs -p); do wait $j; done"
+
+
+def test_documented_output_is_the_comments_right_after_a_command():
+    lines = ["# before any command", "python a.py", "# prints X", "python b.py \\", "    --c", "# Y", "# Z", "",
+             "# after a blank line"]
+    assert expected_output(lines) == ["prints X", "Y", "Z"]
+    assert any(opts.get("expect") for _, _, opts in ALL)  # at least one block's output is checked
 
 
 @pytest.mark.slow

@@ -319,6 +319,39 @@ def test_training_resume_with_another_config_is_refused_naming_keys(tmp_path):
     assert json.load(open(os.path.join(w, "config.json")))["train"]["steps"] == 4
 
 
+def test_harness_and_latent_workdirs_are_held_and_kept_to_their_kind(tmp_path):
+    """The comparison, the methods harness and latent extraction refuse a model directory, a workdir of
+    another kind and one a live job holds, before loading anything."""
+    import socket
+
+    import ml_collections
+
+    from l2c_jax.cli import parse_config_flags
+    from l2c_jax.compare_methods import run_compare, run_methods
+    from l2c_jax.training.extract import extract_latents
+    from l2c_jax.workdirs import LOCK, claim
+
+    model_dir = tmp_path / "model"
+    (model_dir / "params").mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps({"family": "dit", "config": {}}))
+    sampling = tmp_path / "sampling"
+    claim(str(sampling), "sample")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / LOCK).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+
+    compare, _ = parse_config_flags(["--config", "configs/digits.py"])
+    methods, _ = parse_config_flags(["--config", "configs/methods_digits.py:quick"])
+    latents = ml_collections.ConfigDict(dict(vae=dict(checkpoint="unused"), data=dict(latents="")))
+    quiet = dict(report=lambda *_: None)
+    for run in (lambda w: run_compare(compare, str(w), **quiet), lambda w: run_methods(methods, str(w), **quiet),
+                lambda w: extract_latents(latents, str(w), **quiet)):
+        refused(lambda: run(model_dir), "is a model directory")
+        refused(lambda: run(sampling), "belongs to a sample job")
+        refused(lambda: run(held), "is in use by process")
+    assert sorted(os.listdir(model_dir)) == ["config.json", "params"] and sorted(os.listdir(held)) == [LOCK]
+
+
 # ---------------------------------------------------------------------------------------------- unclear errors
 
 def _run(*args):

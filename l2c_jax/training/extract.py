@@ -18,17 +18,24 @@ def extract_latents(config, workdir: str, batch_size: int = 32, report=print) ->
     into the same files (a filesystem all processes share), at the rows a
     one-process run would write; process 0 creates and finishes them.
     """
-    from tqdm.auto import tqdm
-
-    from l2c_jax import distributed, parallel
-    from l2c_jax.training.data import make_source, to_model_range
-    from l2c_jax.vae import load_vae
+    from l2c_jax import distributed
 
     if not config.vae.get("checkpoint"):
         raise ConfigError("config.vae.checkpoint is empty: latents need the VAE")
     if config.data.get("latents"):
         raise ConfigError("config.data.latents is set: extract from images (data.image_folder or data.tfds_name)")
     report = distributed.main_only(report)
+    with distributed.hold_workdir(workdir, "latents"):  # before loading anything
+        return _extract(config, workdir, batch_size, report)
+
+
+def _extract(config, workdir: str, batch_size: int, report) -> str:
+    from tqdm.auto import tqdm
+
+    from l2c_jax import distributed, parallel
+    from l2c_jax.training.data import make_source, to_model_range
+    from l2c_jax.vae import load_vae
+
     vae = load_vae(config.vae.checkpoint, mesh=parallel.local_mesh())  # encoding needs no other process
     source = make_source(config.data, int(config.data.image_size))
     flips = (False, True) if config.data.get("flip") else (False,)
