@@ -108,7 +108,7 @@ def test_compare_methods_writes_the_table_and_the_picture(tmp_path):
     # docs/methods.md's quick command as written (tests/docs_blocks.py), one setting per method
     run_block("methods_quick", tmp_path, append=(
         "--config.steps='(20,)' --config.num_samples=40 --config.seeds='(0,1)' --config.bfloat16_rows=False "
-        "--config.calibration.num_samples=8 \"--config.methods.taylorseer=('3/2', 'l2c/2')\" "
+        "--config.calibration.num_samples=8 \"--config.methods.taylorseer=('3/2',)\" "
         "\"--config.methods.l2c=('-',)\" --config.methods.fora='(3,)' --config.methods.delta_dit='(6,)' "
         "--config.methods.deepcache='(3,)' --config.methods.smoothcache='(0.2,)' "
         "\"--config.methods.error_ranked=('l2c',)\" --config.methods.random='(0,)' "
