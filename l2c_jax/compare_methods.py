@@ -202,15 +202,16 @@ class Harness:
 
 def run_methods(config, workdir: Optional[str] = None, report=print) -> list:
     from l2c_jax import distributed
-    from l2c_jax.methods import make_schedule
 
     report = distributed.main_only(report)
     workdir = workdir or config.get("workdir") or "."
     with distributed.hold_workdir(workdir, "methods"):
-        return _run_methods(config, workdir, report, make_schedule)
+        return _run_methods(config, workdir, report)
 
 
-def _run_methods(config, workdir, report, make_schedule) -> list:
+def _run_methods(config, workdir, report) -> list:
+    from l2c_jax.methods import make_schedule
+
     h = Harness(config, workdir, report)
     rows = []
     for steps in [int(s) for s in config.steps]:

@@ -176,4 +176,3 @@ def hold_workdir(workdir: str, kind: str):
 
         on_main(take, f"{kind} workdir")
         yield
-

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from docs_blocks import MARK, all_blocks, documents, expected_output, script_of
+from docs_blocks import MARK, all_blocks, documents, expected_output, run, script_of
 
 ALL = all_blocks()
 HERE = [b for b in ALL if "by" not in b[2]]
@@ -49,5 +49,4 @@ def test_documented_output_is_the_comments_right_after_a_command():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,lines,opts", HERE, ids=[b[0] for b in HERE])
 def test_runnable_block_runs(name, lines, opts, tmp_path):
-    from docs_blocks import run
     run(name, lines, opts, str(tmp_path))

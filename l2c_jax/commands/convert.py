@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-
 from l2c_jax.cli import run_main
 from l2c_jax.commands import convert_dit, convert_inception, convert_router, convert_uvit, convert_vae
 from l2c_jax.errors import ConfigError
