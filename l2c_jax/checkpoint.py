@@ -76,6 +76,7 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no parameter checkpoint")
+    _quiet_abandoned_reads()  # before: orbax's read thread may drop them before the error reaches us
     try:
         with _manager(directory) as mngr:
             step = mngr.latest_step()
@@ -90,20 +91,21 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
         raise CheckpointError(f"{directory}: checkpoint does not match the configured model: {_one_line(e)}") \
             from None
     except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types; the user needs one line
-        _silence_abandoned_reads()
+        import gc
+
+        gc.collect()  # the abandoned reads go now, through the hook, not at shutdown
         raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {_one_line(e)}); "
                               "convert the original weights again") from None
 
 
-def _silence_abandoned_reads() -> None:
-    """Drops the tracebacks of orbax's sibling reads abandoned by a failed restore.
+def _quiet_abandoned_reads() -> None:
+    """Drops the tracebacks of orbax's sibling reads abandoned by a failed restore (installed once).
 
     When one array of a damaged checkpoint fails, orbax's other read coroutines
     fail too and are never awaited; Python prints each as "Exception ignored
     in <coroutine ...>" (a screenful of TensorStore specs) when it collects
     them, burying the one-line error. Only those coroutines are dropped.
     """
-    import gc
     import sys
 
     previous = sys.unraisablehook
@@ -117,7 +119,6 @@ def _silence_abandoned_reads() -> None:
 
     hook._l2c_quiet = True
     sys.unraisablehook = hook
-    gc.collect()
 
 
 def _one_line(e: BaseException, n: int = 240) -> str:
