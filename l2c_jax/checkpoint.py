@@ -11,6 +11,7 @@ and the rule: `l2c_jax.formats`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -101,6 +102,9 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
 def _quiet_abandoned_reads() -> None:
     """Drops the tracebacks of orbax's sibling reads abandoned by a failed restore (installed once).
 
+    Python reports an abandoned coroutine through `sys.unraisablehook` and an abandoned task through the
+    "asyncio" logger; both are filtered for orbax's reads only.
+
     When one array of a damaged checkpoint fails, orbax's other read coroutines
     fail too and are never awaited; Python prints each as "Exception ignored
     in <coroutine ...>" (a screenful of TensorStore specs) when it collects
@@ -119,6 +123,14 @@ def _quiet_abandoned_reads() -> None:
 
     hook._l2c_quiet = True
     sys.unraisablehook = hook
+    # The same reads, when their asyncio task is collected first, are logged instead ("Task exception was
+    # never retrieved", logger "asyncio", the task's orbax coroutine in the message).
+    logging.getLogger("asyncio").addFilter(_drop_orbax_task_reports)
+
+
+def _drop_orbax_task_reports(record) -> bool:
+    msg = str(record.msg)
+    return not ("Task exception was never retrieved" in msg and "orbax" in msg)
 
 
 def _one_line(e: BaseException, n: int = 240) -> str:
