@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from l2c_jax import distributed, resources
+from l2c_jax import distributed, memory, resources
 from l2c_jax.errors import ConfigError, L2CError
 
 
@@ -20,19 +20,22 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
 
     With `argv` None (a process's entry point: the console commands and scripts) the process is about
     to end on an error, and what the interpreter prints while shutting down is discarded after the
-    error line (`_quiet_exit`); with an explicit `argv` (a caller in the same process) stderr is left
+    error line (`_last_line`); with an explicit `argv` (a caller in the same process) stderr is left
     alone.
     """
-    entry = argv is None
+    quiet = argv is None  # a process's entry point: the process ends with the error
+    if quiet:
+        memory.bound_heap_retention()  # this process's large buffers go back to the OS when freed
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("L2C_VERBOSE") == "1"
+    quiet = quiet and not verbose
     try:
         code = main(argv)
     except L2CError as e:
         if verbose:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        _quiet_exit(2, verbose or not entry)
+        _last_line(f"error: {e}", quiet)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -40,26 +43,34 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         if verbose:
             traceback.print_exc()
         msg = " ".join(str(e).split())[:500]
-        print(f"error: {type(e).__name__}: {msg} (run with --verbose for the traceback)", file=sys.stderr)
+        _last_line(f"error: {type(e).__name__}: {msg} (run with --verbose for the traceback)", quiet)
         sys.exit(1)
     sys.exit(code or 0)
 
 
-def _quiet_exit(code: int, keep_stderr: bool) -> None:
-    """Exits after the one-line error, with later stderr (interpreter shutdown) discarded unless kept.
+def _last_line(line: str, quiet: bool) -> None:
+    """Writes the error line; when `quiet`, the last thing the process writes to stderr.
 
-    A failed orbax restore leaves read coroutines that Python may finalize only at shutdown, printing
-    each as "Exception ignored in <coroutine ...>" with a screen of TensorStore specs below the error;
-    nothing written after the error line helps the user, and `--verbose` keeps it all.
+    A failed orbax restore leaves reads in TensorStore's threads that fail afterwards: their callbacks
+    print tracebacks straight to file descriptor 2 (C-level, past every Python hook), some while the
+    error line is being written, others when the interpreter shuts down. Nothing written after the
+    error helps the user (`--verbose` keeps it all), so descriptor 2 is pointed at /dev/null first
+    and the line is written to a copy of the original.
     """
     sys.stderr.flush()
-    if not keep_stderr:
+    if quiet:
         try:
+            fd = sys.stderr.fileno()
+            real = os.dup(fd)
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stderr.fileno())
+            os.dup2(devnull, fd)
+            os.close(devnull)
+            os.write(real, (line + "\n").encode())
+            os.close(real)
+            return
         except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in-process)
             pass
-    sys.exit(code)
+    print(line, file=sys.stderr)
 
 
 def parse_config_flags(argv, doc: str = "", workdir_required: bool = False):

@@ -35,6 +35,20 @@ def maxrss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _libc():
+    """glibc through ctypes, or None (another C library, or none reachable)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (glibc only)
+            _LIBC.mallopt  # noqa: B018
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
 def release_free_heap() -> None:
     """Returns the C heap's free pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
@@ -44,16 +58,29 @@ def release_free_heap() -> None:
     (+1.5 GB over a DPM-Solver-2 router schedule's 11 graphs). The samplers call
     this after a call that compiled something: a few milliseconds, once per graph.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018  (glibc only)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def bound_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serves every allocation of `threshold` bytes or more with its own mapping, unmapped when freed
+    (glibc `mallopt(M_MMAP_THRESHOLD)`; returns False where it does not apply). The console commands
+    call it first (`cli.run_main`); `MALLOC_MMAP_THRESHOLD_=1048576` in the environment does the same.
+
+    XLA's CPU buffers come from malloc. glibc raises its mmap threshold to the size of each mapped block
+    freed (up to 32 MiB), so after the first step a sampler's activations, cache and history buffers
+    (9-75 MiB at DiT-XL/2 size) come from the heap instead, where steps of different graphs fragment it
+    and the freed memory stays resident: a DiT-XL/2 TaylorSeer 3/2 job, 20 DDIM steps, peaked at
+    8.09 GiB, and at 6.54 GiB with the threshold fixed at 1 MiB, at the same speed (2026-12-03,
+    docs/performance.md). Setting it also stops the threshold from moving.
+    """
+    libc = _libc()
+    return bool(libc) and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 _LIBC = None

@@ -247,6 +247,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
             if not (b == 0 and r == 0 and runs > 1):  # the very first run includes compilation
                 times.append(dt)
             first = False
+        release_free_heap()  # the sampler's cache and history, freed with its call, before the decoder's buffers
         with phases("decode"):
             imgs = vae.decode(lat / config.vae.get("scale", 0.18215)) if vae is not None else lat
             store.write(idx, imio.to_uint8(np.asarray(imgs))[:len(idx)])

@@ -66,3 +66,32 @@ def test_peak_memory_does_not_grow_with_steps(xl_width_checkpoint, strategy):
     short = _peak(xl_width_checkpoint, 2, strategy)
     long = _peak(xl_width_checkpoint, 20, strategy)
     assert long - short < MARGIN, f"peak RSS {short / 2**30:.2f} GiB at 2 steps, {long / 2**30:.2f} GiB at 20"
+
+
+_HEAP = r"""
+import sys
+import numpy as np
+from l2c_jax.memory import bound_heap_retention, rss_bytes
+if sys.argv[1] == "bound":
+    assert bound_heap_retention()
+n = 20 * 2**20 // 8
+x = np.ones(n); del x            # glibc (left alone) raises its mmap threshold past 20 MiB here
+a, b = np.ones(n), np.ones(n)    # ... so these two come from the heap, b above a
+before = rss_bytes()
+del a                            # a's pages sit below b: the heap cannot give them back
+print("FREED", (before - rss_bytes()) / 2**20)
+"""
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_console_commands_give_freed_large_buffers_back(bound):
+    """What `cli.run_main` sets for every console command: a freed 20 MiB buffer (an XLA buffer at
+    DiT-XL/2 size) leaves the process at once, where glibc's moving threshold kept it resident."""
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the heap bound is glibc's mallopt")
+    p = subprocess.run([sys.executable, "-c", _HEAP, "bound" if bound else "default"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr[-2000:]
+    freed = float(p.stdout.split("FREED ")[-1])
+    assert (freed > 15) if bound else (freed < 5), freed

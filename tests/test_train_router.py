@@ -86,18 +86,26 @@ def test_short_run_lowers_the_loss_and_writes_everything(tiny_setup, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_where_its_checkpoint_was(tiny_setup, tmp_path):
-    ref = subprocess.run(train_cmd(tiny_setup, tmp_path / "ref", steps=40), cwd=ROOT, capture_output=True, text=True)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-
+    # The uninterrupted reference runs beside the run that is killed (both mostly single-threaded here).
+    ref = subprocess.Popen(train_cmd(tiny_setup, tmp_path / "ref", steps=40), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     work = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(tiny_setup, work, steps=40), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (work / "checkpoints" / "10").exists():
-        time.sleep(0.05)
-    assert (work / "checkpoints" / "10").exists(), "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (work / "checkpoints" / "10").exists():
+            time.sleep(0.05)
+        assert (work / "checkpoints" / "10").exists(), "no checkpoint appeared"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _, err = ref.communicate(timeout=300)
+        assert ref.returncode == 0, err[-2000:]
+    finally:
+        for p in (ref, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     done = [int(d) for d in os.listdir(work / "checkpoints") if d.isdigit()]
     assert not (work / "router.safetensors").exists() and max(done) < 40
 
@@ -111,11 +119,18 @@ def test_killed_run_resumes_where_its_checkpoint_was(tiny_setup, tmp_path):
 @pytest.mark.slow
 def test_four_devices_give_the_same_result_as_one(tiny_setup, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    cmd4 = train_cmd(tiny_setup, tmp_path / "d4", steps=10)
-    r = subprocess.run(cmd4, cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r1 = subprocess.run(train_cmd(tiny_setup, tmp_path / "d1", steps=10), cwd=ROOT, capture_output=True, text=True)
-    assert r1.returncode == 0, r1.stderr[-2000:]
+    procs = [subprocess.Popen(train_cmd(tiny_setup, tmp_path / d, steps=10), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=e)
+             for d, e in (("d4", env), ("d1", None))]  # at once: each is mostly single-threaded here
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     p4, p1 = load_router(str(tmp_path / "d4")).prob, load_router(str(tmp_path / "d1")).prob
     np.testing.assert_allclose(p4, p1, atol=1e-5)
     # and the run really used 4 devices

@@ -159,7 +159,8 @@ def run_user_path(config, report: Callable = print) -> dict:
            f"--config.schedule={schedule}",
            f"--config.batch_size={int(config.batch_size)}", f"--config.labels=({labels},)",
            f"--config.repeats={int(config.repeats)}", f"--config.dtype={config.get('dtype', 'float32')}",
-           "--workdir", os.path.join(work, "samples"), f"--config.strategy={config.get('strategy', 'auto')}"]
+           "--workdir", os.path.join(work, "samples"), f"--config.strategy={config.get('strategy', 'auto')}",
+           "--config.overwrite=True"]  # samples/ is this benchmark's, like ckpt/: every run replaces it
     if config.get("history_dtype"):
         cmd.append(f"--config.history_dtype={config.history_dtype}")
     row["command"] = " ".join(["l2c-sample"] + cmd[3:])
