@@ -11,7 +11,6 @@ Diffusion autoencoders) is for the sampler to apply.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
