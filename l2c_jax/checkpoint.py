@@ -16,9 +16,13 @@ import logging
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from l2c_jax import formats, parallel
 from l2c_jax.errors import CheckpointError, ConfigError
-from l2c_jax.memory import release_free_heap
+from l2c_jax.memory import release_free_heap, weights_restored
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -80,6 +84,8 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no parameter checkpoint")
     _quiet_abandoned_reads()  # before: orbax's read thread may drop them before the error reaches us
+    if abstract is not None:
+        weights_restored(_nbytes(abstract))  # before the read: its buffers would stay in the heap
     try:
         with _manager(directory) as mngr:
             step = mngr.latest_step()
@@ -102,14 +108,22 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
     # DiT-XL/2 + VAE load, under everything sampling allocates next (docs/performance.md).
     gc.collect()
     release_free_heap()
+    weights_restored(_nbytes(params))
     return params
+
+
+def _nbytes(tree: Any) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+               if hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def _quiet_abandoned_reads() -> None:
     """Drops the tracebacks of orbax's sibling reads abandoned by a failed restore (installed once).
 
     Python reports an abandoned coroutine through `sys.unraisablehook` and an abandoned task through the
-    "asyncio" logger; both are filtered for orbax's reads only.
+    "asyncio" logger; both are filtered for orbax's reads only, as are TensorStore's late callbacks into
+    orbax's closed event loop (`_closed_loop_callback`).
 
     When one array of a damaged checkpoint fails, orbax's other read coroutines
     fail too and are never awaited; Python prints each as "Exception ignored
@@ -124,14 +138,30 @@ def _quiet_abandoned_reads() -> None:
 
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        if code is None or "orbax" not in code.co_filename:
-            previous(unraisable)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        if _closed_loop_callback(unraisable):
+            return
+        previous(unraisable)
 
     hook._l2c_quiet = True
     sys.unraisablehook = hook
     # The same reads, when their asyncio task is collected first, are logged instead ("Task exception was
     # never retrieved", logger "asyncio", the task's orbax coroutine in the message).
     logging.getLogger("asyncio").addFilter(_drop_orbax_task_reports)
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """TensorStore finishing an abandoned read after orbax closed its event loop: the callback's
+    `call_soon_threadsafe` raises "Event loop is closed", reported with no object."""
+    if unraisable.object is not None or not isinstance(unraisable.exc_value, RuntimeError):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _drop_orbax_task_reports(record) -> bool:
@@ -190,9 +220,6 @@ def verify_model_dir(directory: str, meta: dict) -> None:
 
 def check_finite(params: Any, where: str) -> None:
     """Refuses parameters holding NaN or inf, naming the first such leaf (checked on the devices)."""
-    import jax
-    import jax.numpy as jnp
-
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     floats = [(p, v) for p, v in leaves if jnp.issubdtype(v.dtype, jnp.floating)]
     if not floats:

@@ -25,7 +25,7 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     """
     quiet = argv is None  # a process's entry point: the process ends with the error
     if quiet:
-        memory.bound_heap_retention()  # this process's large buffers go back to the OS when freed
+        memory.bound_large_models()  # a large model's freed buffers go back to the OS (l2c_jax.memory)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("L2C_VERBOSE") == "1"
     quiet = quiet and not verbose

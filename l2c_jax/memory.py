@@ -64,13 +64,14 @@ def release_free_heap() -> None:
 
 
 MMAP_THRESHOLD = 1 << 20
+LARGE_WEIGHTS_BYTES = 1 << 30
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def bound_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serves every allocation of `threshold` bytes or more with its own mapping, unmapped when freed
-    (glibc `mallopt(M_MMAP_THRESHOLD)`; returns False where it does not apply). The console commands
-    call it first (`cli.run_main`); `MALLOC_MMAP_THRESHOLD_=1048576` in the environment does the same.
+    (glibc `mallopt(M_MMAP_THRESHOLD)`; returns False where it does not apply).
+    `MALLOC_MMAP_THRESHOLD_=1048576` in the environment does the same.
 
     XLA's CPU buffers come from malloc. glibc raises its mmap threshold to the size of each mapped block
     freed (up to 32 MiB), so after the first step a sampler's activations, cache and history buffers
@@ -78,9 +79,32 @@ def bound_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     and the freed memory stays resident: a DiT-XL/2 TaylorSeer 3/2 job, 20 DDIM steps, peaked at
     8.09 GiB, and at 6.54 GiB with the threshold fixed at 1 MiB, at the same speed (2026-12-03,
     docs/performance.md). Setting it also stops the threshold from moving.
+
+    The price is a page fault per page of every fresh buffer: nothing beside a DiT-XL/2 step's matmuls,
+    but a quarter of the Quick start's wall time (digits DiT, batch 1,000: 90 s against 69 s), whose
+    retention is a few MB. Hence `bound_large_models` for the console commands.
     """
     libc = _libc()
     return bool(libc) and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
+_BOUND_LARGE = False
+
+
+def bound_large_models() -> None:
+    """Makes `weights_restored` bound the heap (`bound_heap_retention`) once weights of
+    `LARGE_WEIGHTS_BYTES` or more are restored in this process. `cli.run_main` calls it for every
+    console command; a process that imports the library keeps glibc's defaults unless it asks."""
+    global _BOUND_LARGE
+    _BOUND_LARGE = True
+
+
+def weights_restored(nbytes: int) -> None:
+    """Called by `checkpoint.restore_params` with the bytes it restores, before the read where the
+    shapes are known (the read's buffers are then mapped, not left in the heap), and after it
+    (see `bound_large_models`)."""
+    if _BOUND_LARGE and nbytes >= LARGE_WEIGHTS_BYTES:
+        bound_heap_retention()
 
 
 _LIBC = None

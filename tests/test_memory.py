@@ -71,26 +71,35 @@ def test_peak_memory_does_not_grow_with_steps(xl_width_checkpoint, strategy):
 _HEAP = r"""
 import sys
 import numpy as np
-from l2c_jax.memory import bound_heap_retention, rss_bytes
-if sys.argv[1] == "bound":
-    assert bound_heap_retention()
+from l2c_jax import memory
+how = sys.argv[1]
+if how == "bound":
+    assert memory.bound_heap_retention()
+if how in ("large", "small"):
+    memory.bound_large_models()                 # what cli.run_main does for a console command
+if how in ("large", "small", "unasked"):
+    memory.weights_restored(2**31 if how != "small" else 2**27)  # what checkpoint.restore_params reports
 n = 20 * 2**20 // 8
 x = np.ones(n); del x            # glibc (left alone) raises its mmap threshold past 20 MiB here
 a, b = np.ones(n), np.ones(n)    # ... so these two come from the heap, b above a
-before = rss_bytes()
+before = memory.rss_bytes()
 del a                            # a's pages sit below b: the heap cannot give them back
-print("FREED", (before - rss_bytes()) / 2**20)
+print("FREED", (before - memory.rss_bytes()) / 2**20)
 """
 
 
-@pytest.mark.parametrize("bound", [True, False])
-def test_console_commands_give_freed_large_buffers_back(bound):
-    """What `cli.run_main` sets for every console command: a freed 20 MiB buffer (an XLA buffer at
-    DiT-XL/2 size) leaves the process at once, where glibc's moving threshold kept it resident."""
+@pytest.mark.parametrize("how,bound", [("bound", True), ("default", False), ("large", True), ("small", False),
+                                       ("unasked", False)])
+def test_freed_large_buffers_go_back_once_a_console_command_restores_a_large_model(how, bound):
+    """A freed 20 MiB buffer (an XLA buffer at DiT-XL/2 size) leaves the process at once under the heap
+    bound, where glibc's moving threshold kept it resident. Console commands (`bound_large_models`)
+    get the bound from the first restore of 1 GiB of weights or more: not for the digits DiT, whose
+    fresh buffers would each cost page faults, nor for a process that imports the library and did
+    not ask."""
     import platform
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the heap bound is glibc's mallopt")
-    p = subprocess.run([sys.executable, "-c", _HEAP, "bound" if bound else "default"], capture_output=True,
+    p = subprocess.run([sys.executable, "-c", _HEAP, how], capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0, p.stderr[-2000:]
     freed = float(p.stdout.split("FREED ")[-1])
