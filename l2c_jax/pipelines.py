@@ -189,24 +189,12 @@ def claim_sampling_workdir(config, workdir: str, held: contextlib.ExitStack) -> 
 
 
 def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> dict:
-    from tqdm.auto import tqdm
-
-    from l2c_jax import distributed, parallel
-    from l2c_jax.memory import release_free_heap
+    """Samples the job's missing images into its shards, then (process 0) writes its outputs and report."""
+    from l2c_jax import distributed
     from l2c_jax.shards import ShardStore, batches_of, job_fingerprint
 
-    sampler, schedule, what, of_what = made
-    share = sampler.computed_share(schedule) * sampler.rows / (schedule.reference_steps or sampler.rows)
-    cached = schedule.masks is not None
-    cfg = model.config
-    if not cfg.conditional:
-        n = int(config.get("num_samples") or len(config.get("labels") or ()))
-        if n <= 0:
-            raise ConfigError("set num_samples (this model is unconditional: labels are ignored)")
-        labels = None
-    else:
-        labels = sample_labels(config, cfg.null_class)  # the classes below the null class
-        n = len(labels)
+    sampler, schedule = made[0], made[1]
+    labels, n = _job_labels(config, model.config)
     bs = int(config.batch_size)
     if bs < 1:
         raise ConfigError(f"batch_size must be positive, got {bs}")
@@ -218,13 +206,40 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     mine = batches_of(remaining, bs, jax.process_index(), jax.process_count())
     if len(remaining) < n:
         report(f"resuming: {n - len(remaining)} of {n} images are already in {store.directory}")
-    scale = config.sampler.get("cfg_scale")
-    shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     aot = mesh.devices.size == 1 and sampler.compile_ahead and bool(mine)
     if aot:  # every graph of the schedule, compiled ahead and in parallel
         with phases("compile"):
             sampler.compile(bs, schedule)
+    times = _run_batches(config, made, vae, store, mine, labels, bs, phases, mesh, aot)
+    distributed.barrier("l2c-shards-written")
+    sampled = int(sum(len(i) for i in mine))
+    if not distributed.is_main():
+        return dict(num_images=n, sampled=sampled, process=jax.process_index())
+    return _write_outputs(config, workdir, report, model, made, store, n, bs, sampled, times, phases, aot)
 
+
+def _job_labels(config, cfg):
+    """(labels or None for an unconditional model, number of images)."""
+    if not cfg.conditional:
+        n = int(config.get("num_samples") or len(config.get("labels") or ()))
+        if n <= 0:
+            raise ConfigError("set num_samples (this model is unconditional: labels are ignored)")
+        return None, n
+    labels = sample_labels(config, cfg.null_class)  # the classes below the null class
+    return labels, len(labels)
+
+
+def _run_batches(config, made, vae, store, mine, labels, bs, phases, mesh, aot) -> list:
+    """Samples and decodes this process's batches into `store`; the timed latencies (s per batch)."""
+    from tqdm.auto import tqdm
+
+    from l2c_jax import distributed, parallel
+    from l2c_jax.memory import release_free_heap
+
+    sampler, schedule, what = made[0], made[1], made[2]
+    cfg = sampler.model.config
+    scale = config.sampler.get("cfg_scale")
+    shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     times = []
     first = True
     for b, idx in enumerate(tqdm(mine, desc="batches", disable=len(mine) < 2 or not distributed.is_main())):
@@ -241,7 +256,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
                 lat.block_until_ready()
                 dt = time.perf_counter() - t0
             if b == 0 and r == 0 and not bool(jnp.isfinite(lat).all()):  # one cheap check, before any write
-                how = what + (", " + schedule.describe() if cached else "") + (
+                how = what + (", " + schedule.describe() if schedule.masks is not None else "") + (
                     f", cfg_scale {scale}" if scale is not None else "")
                 raise SamplingError(f"the first batch sampled NaN or inf values ({how}); nothing was written")
             if not (b == 0 and r == 0 and runs > 1):  # the very first run includes compilation
@@ -253,10 +268,14 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
             store.write(idx, imio.to_uint8(np.asarray(imgs))[:len(idx)])
         del lat, imgs
         release_free_heap()  # the decoder's first compile and its full-resolution activations
-    distributed.barrier("l2c-shards-written")
-    if not distributed.is_main():
-        return dict(num_images=n, sampled=int(sum(len(i) for i in mine)), process=jax.process_index())
+    return times
 
+
+def _write_outputs(config, workdir, report, model, made, store, n, bs, sampled, times, phases, aot) -> dict:
+    """Process 0, every image in the shards: the grid, the npz, the scores, `report.json` and the summary."""
+    sampler, schedule, what, of_what = made
+    cached = schedule.masks is not None
+    share = sampler.computed_share(schedule) * sampler.rows / (schedule.reference_steps or sampler.rows)
     grid_path = os.path.join(workdir, config.get("grid", "samples.png"))
     imio.save_png(grid_path, imio.make_grid(store.read(np.arange(min(n, config.get("grid_max", 64)))), nrow=8),
                   upscale=config.get("grid_upscale", 1))
@@ -278,7 +297,7 @@ def _sample_batches(config, workdir, report, model, vae, made, phases, mesh) -> 
     history = history_report(sampler, schedule, bs)
     result = dict(latency_mean=float(t.mean()) if timed else None, latency_std=float(t.std()) if timed else None,
                   computed_share=share, flop_bound=flop_bound_of(model, sampler, schedule), num_images=n,
-                  sampled=int(sum(len(i) for i in mine)), processes=jax.process_count(), grid=grid_path, npz=npz_path,
+                  sampled=sampled, processes=jax.process_count(), grid=grid_path, npz=npz_path,
                   batch_size=bs, steps=sampler.rows, router=cached, schedule=schedule.describe(),
                   forecast=schedule.forecast, history_bytes=history["kept"],
                   history_bytes_all_units=history["all_units"], phases=phases.summary(), metrics=metrics)

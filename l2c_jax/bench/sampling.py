@@ -65,20 +65,8 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     strategy = resolve_strategy(config.get("strategy", "auto"))
     dtype = dtype_of(config)
     batch = int(config.batch_size)
-    steps = int(config.sampler.steps)
-    max_steps = int(config.get("max_steps", 0) or 0)
-    sched_steps = min(max_steps, steps) if max_steps else steps
-    warmup, repeats = int(config.get("warmup", 1)), int(config.get("repeats", 2))
     workers = int(config.get("compile_workers", 0) or 0) or (os.cpu_count() or 1)
-    if repeats < 1:
-        raise ConfigError("repeats must be at least 1")
-
-    row: Dict[str, Any] = {k: None for k in ROW_KEYS}
-    row.update(name=config.get("name", "benchmark"), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               command=" ".join(["python", "scripts/benchmark.py"] + list(argv or [])), machine=machine_info(),
-               batch_size=batch, dtype=str(dtype), strategy=strategy, steps=steps, schedule_steps=sched_steps,
-               cfg_scale=config.sampler.get("cfg_scale"), warmup=warmup, repeats=repeats,
-               matmul_precision=config.get("matmul_precision") or "default")
+    row = _row_header(config, argv, strategy, dtype)
     report(f"machine: {row['machine']['cpu']}, {row['machine']['cores']} cores, backend {row['machine']['backend']}")
 
     latency = bool(config.get("measure_latency", True))
@@ -86,24 +74,7 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
     model32 = build_model(config, abstract=not latency)  # compile-only runs need shapes only
     jax.block_until_ready(model32.params)
     report(f"model ready in {time.perf_counter() - t0:.1f} s")
-    cfg = model32.config
-    row.update(model=dict(depth=cfg.depth, hidden_size=cfg.hidden_size, patch_size=cfg.patch_size,
-                          num_heads=cfg.num_heads, input_size=cfg.input_size,
-                          params=int(sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(model32.params)))),
-               image_size=cfg.input_size * (8 if cfg.in_channels == 4 else 1))
-    router, schedule = bench_schedule(config, model32, build_sampler(model32, config, strategy))
-    masks = schedule.masks
-    if masks is None:
-        raise ConfigError(f"schedule {schedule.describe()!r} reuses nothing: the benchmark times a cache schedule")
-    row.update(router=router.source if router is not None else None,
-               threshold=float(config.router.threshold) if router is not None else None,
-               schedule=schedule.describe(), forecast=schedule.forecast)
-    run_masks = masks[:sched_steps]
-    fb = flop_bound(cfg, run_masks, sched_steps)
-    row.update(computed_share=float(np.asarray(run_masks, bool).mean()), flop_bound=fb["bound"],
-               bound_with_fixed=fb["bound_with_fixed"])
-    report(f"schedule: {sched_steps}/{steps} steps, {row['computed_share'] * 100:.2f}% of sub-layers computed, "
-           f"FLOP bound {fb['bound']:.4f}x (with always-computed parts {fb['bound_with_fixed']:.4f}x)")
+    router, schedule, run_masks = _schedule_row(config, row, model32, strategy, report)
 
     # -- compile: cold / warm in fresh processes, then this process's own ahead-of-time compile
     comp: Dict[str, Any] = dict(cache_dir=cache_dir)
@@ -127,7 +98,80 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
            f"(persistent cache {'at ' + cache_dir if cache_dir else 'off'})")
     row["compile"] = comp
 
-    # -- latency
+    lat = _time_full_and_schedule(config, row, sampler, schedule, noise, y, report)
+    rows = batch * (2 if sampler.cfg_scale is not None else 1)
+    peak, _ = peak_tflops(device_kind(row["machine"]), str(dtype), float(config.get("peak_tflops", 0.0) or 0.0))
+    row["throughput"] = throughput_of_schedule(model32.config, run_masks, row["schedule_steps"], rows,
+                                               row["full"]["median"], row["l2c"]["median"], peak)
+    report(f"achieved: full {row['throughput']['full_tflops'] * 1e3:.1f} GFLOP/s, "
+           f"L2C {row['throughput']['l2c_tflops'] * 1e3:.1f} GFLOP/s"
+           + (f" (MFU {row['throughput']['full_mfu'] * 100:.1f}% / {row['throughput']['l2c_mfu'] * 100:.1f}%)"
+              if peak else ""))
+
+    # -- bfloat16 deviation from float32
+    if dtype == jnp.bfloat16 and config.get("compare_float32", True):
+        s32 = build_sampler(model32, config, strategy)
+        ref = s32(noise, y, schedule, max_steps=int(config.get("max_steps", 0) or 0))
+        row["bf16_vs_f32"] = dict(l2c_rel_max=rel(lat["l2c"], ref), l2c_rel_rms=rel_rms(lat["l2c"], ref))
+        report(f"bfloat16 vs float32 L2C latents: max {row['bf16_vs_f32']['l2c_rel_max']:.3e}, "
+               f"rms {row['bf16_vs_f32']['l2c_rel_rms']:.3e} (relative)")
+        del s32
+    sampler = None  # free the JAX graphs and weights before the PyTorch side runs
+    if config.get("torch_reference"):
+        _against_the_original(config, row, model32, router, schedule, noise, y, lat, dtype, report)
+    return write_row(config, row, report)
+
+
+def _row_header(config, argv, strategy, dtype) -> Dict[str, Any]:
+    """The row's settings: what was run, where, and how it is timed."""
+    steps = int(config.sampler.steps)
+    max_steps = int(config.get("max_steps", 0) or 0)
+    warmup, repeats = int(config.get("warmup", 1)), int(config.get("repeats", 2))
+    if repeats < 1:
+        raise ConfigError("repeats must be at least 1")
+    row: Dict[str, Any] = {k: None for k in ROW_KEYS}
+    row.update(name=config.get("name", "benchmark"), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               command=" ".join(["python", "scripts/benchmark.py"] + list(argv or [])), machine=machine_info(),
+               batch_size=int(config.batch_size), dtype=str(dtype), strategy=strategy, steps=steps,
+               schedule_steps=min(max_steps, steps) if max_steps else steps,
+               cfg_scale=config.sampler.get("cfg_scale"), warmup=warmup, repeats=repeats,
+               matmul_precision=config.get("matmul_precision") or "default")
+    return row
+
+
+def _schedule_row(config, row, model32, strategy, report):
+    """(router or None, schedule, the timed steps' masks), the model, schedule and FLOP bound entered in `row`."""
+    import jax
+
+    cfg = model32.config
+    sched_steps = row["schedule_steps"]
+    row.update(model=dict(depth=cfg.depth, hidden_size=cfg.hidden_size, patch_size=cfg.patch_size,
+                          num_heads=cfg.num_heads, input_size=cfg.input_size,
+                          params=int(sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(model32.params)))),
+               image_size=cfg.input_size * (8 if cfg.in_channels == 4 else 1))
+    router, schedule = bench_schedule(config, model32, build_sampler(model32, config, strategy))
+    masks = schedule.masks
+    if masks is None:
+        raise ConfigError(f"schedule {schedule.describe()!r} reuses nothing: the benchmark times a cache schedule")
+    row.update(router=router.source if router is not None else None,
+               threshold=float(config.router.threshold) if router is not None else None,
+               schedule=schedule.describe(), forecast=schedule.forecast)
+    run_masks = masks[:sched_steps]
+    fb = flop_bound(cfg, run_masks, sched_steps)
+    row.update(computed_share=float(np.asarray(run_masks, bool).mean()), flop_bound=fb["bound"],
+               bound_with_fixed=fb["bound_with_fixed"])
+    report(f"schedule: {sched_steps}/{row['steps']} steps, {row['computed_share'] * 100:.2f}% of sub-layers computed, "
+           f"FLOP bound {fb['bound']:.4f}x (with always-computed parts {fb['bound_with_fixed']:.4f}x)")
+    return router, schedule, run_masks
+
+
+def _time_full_and_schedule(config, row, sampler, schedule, noise, y, report) -> dict:
+    """Full sampling and the schedule, interleaved after a warm-up; medians, speed-up and memory into `row`.
+    Returns the last latents of each ({"full", "l2c"})."""
+    import jax
+
+    max_steps = int(config.get("max_steps", 0) or 0)
+    warmup, repeats, batch = row["warmup"], row["repeats"], row["batch_size"]
     kinds = {"full": None, "l2c": schedule}
     hist = sampler.history_bytes(schedule, batch)
     row.update(history_bytes=hist["kept"], history_bytes_all_units=hist["all_units"])
@@ -167,49 +211,35 @@ def run_sample_benchmark(config, report: Callable = print, argv=None) -> dict:
            f"(median of {repeats}; min {row['full']['min']:.3f} / {row['l2c']['min']:.3f})")
     report(f"speed-up {row['speedup']:.4f}x, FLOP bound {row['flop_bound']:.4f}x, "
            f"ratio {row['speedup_over_bound']:.4f}")
-    rows = batch * (2 if sampler.cfg_scale is not None else 1)
-    peak, _ = peak_tflops(device_kind(row["machine"]), str(dtype), float(config.get("peak_tflops", 0.0) or 0.0))
-    row["throughput"] = throughput_of_schedule(cfg, run_masks, sched_steps, rows, row["full"]["median"],
-                                               row["l2c"]["median"], peak)
-    report(f"achieved: full {row['throughput']['full_tflops'] * 1e3:.1f} GFLOP/s, "
-           f"L2C {row['throughput']['l2c_tflops'] * 1e3:.1f} GFLOP/s"
-           + (f" (MFU {row['throughput']['full_mfu'] * 100:.1f}% / {row['throughput']['l2c_mfu'] * 100:.1f}%)"
-              if peak else ""))
+    return lat
 
-    # -- bfloat16 deviation from float32
-    if dtype == jnp.bfloat16 and config.get("compare_float32", True):
-        s32 = build_sampler(model32, config, strategy)
-        ref = s32(noise, y, schedule, max_steps=max_steps)
-        row["bf16_vs_f32"] = dict(l2c_rel_max=rel(lat["l2c"], ref), l2c_rel_rms=rel_rms(lat["l2c"], ref))
-        report(f"bfloat16 vs float32 L2C latents: max {row['bf16_vs_f32']['l2c_rel_max']:.3e}, "
-               f"rms {row['bf16_vs_f32']['l2c_rel_rms']:.3e} (relative)")
-        del s32
-    sampler = None  # free the JAX graphs and weights before the PyTorch side runs
 
-    # -- the original PyTorch code
-    if config.get("torch_reference"):
-        if max_steps and max_steps < steps:
-            raise ConfigError("torch_reference times whole schedules: leave max_steps at 0")
-        if router is None or schedule.forecasts:
-            raise ConfigError("torch_reference runs the original's L2C (a router, copies): unset schedule")
-        report(f"original PyTorch code ({config.torch_reference}), {config.get('torch_threads', 2)} threads ...")
-        tw = int(config.get("torch_warmup", 1))
-        tr = int(config.get("torch_repeats", repeats))
-        try:
-            ref, tfull, tl2c = torch_reference(config, model32, router, noise, y, steps, tw, tr, report)
-        except Exception as e:  # keep the JAX measurements: write the row, then fail
-            row["torch_reference"] = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-            write_row(config, row, report)
-            raise
-        ref["jax_full_over_torch"] = row["full"]["median"] / ref["full"]["median"]
-        ref["full_latents_rel"] = rel(lat["full"], tfull) if dtype == jnp.float32 else None
-        if "l2c" in ref:
-            ref["jax_l2c_over_torch"] = row["l2c"]["median"] / ref["l2c"]["median"]
-            ref["l2c_latents_rel"] = rel(lat["l2c"], tl2c) if dtype == jnp.float32 else None
-            report(f"torch: full {ref['full']['median']:.2f} s, L2C {ref['l2c']['median']:.2f} s "
-                   f"(speed-up {ref['speedup']:.4f}x); JAX/torch time: full {ref['jax_full_over_torch']:.3f}, "
-                   f"L2C {ref['jax_l2c_over_torch']:.3f}; latents vs torch: full {ref['full_latents_rel']}, "
-                   f"L2C {ref.get('l2c_latents_rel')} (relative max)")
-        row["torch_reference"] = ref
+def _against_the_original(config, row, model32, router, schedule, noise, y, lat, dtype, report) -> None:
+    """Times the original PyTorch code on the same inputs and enters it in `row` (written, then raised, on failure)."""
+    import jax.numpy as jnp
 
-    return write_row(config, row, report)
+    steps, repeats = row["steps"], row["repeats"]
+    max_steps = int(config.get("max_steps", 0) or 0)
+    if max_steps and max_steps < steps:
+        raise ConfigError("torch_reference times whole schedules: leave max_steps at 0")
+    if router is None or schedule.forecasts:
+        raise ConfigError("torch_reference runs the original's L2C (a router, copies): unset schedule")
+    report(f"original PyTorch code ({config.torch_reference}), {config.get('torch_threads', 2)} threads ...")
+    tw = int(config.get("torch_warmup", 1))
+    tr = int(config.get("torch_repeats", repeats))
+    try:
+        ref, tfull, tl2c = torch_reference(config, model32, router, noise, y, steps, tw, tr, report)
+    except Exception as e:  # keep the JAX measurements: write the row, then fail
+        row["torch_reference"] = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        write_row(config, row, report)
+        raise
+    ref["jax_full_over_torch"] = row["full"]["median"] / ref["full"]["median"]
+    ref["full_latents_rel"] = rel(lat["full"], tfull) if dtype == jnp.float32 else None
+    if "l2c" in ref:
+        ref["jax_l2c_over_torch"] = row["l2c"]["median"] / ref["l2c"]["median"]
+        ref["l2c_latents_rel"] = rel(lat["l2c"], tl2c) if dtype == jnp.float32 else None
+        report(f"torch: full {ref['full']['median']:.2f} s, L2C {ref['l2c']['median']:.2f} s "
+               f"(speed-up {ref['speedup']:.4f}x); JAX/torch time: full {ref['jax_full_over_torch']:.3f}, "
+               f"L2C {ref['jax_l2c_over_torch']:.3f}; latents vs torch: full {ref['full_latents_rel']}, "
+               f"L2C {ref.get('l2c_latents_rel')} (relative max)")
+    row["torch_reference"] = ref
