@@ -85,7 +85,7 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
         raise CheckpointError(f"{directory}: no parameter checkpoint")
     _quiet_abandoned_reads()  # before: orbax's read thread may drop them before the error reaches us
     if abstract is not None:
-        weights_restored(_nbytes(abstract))  # before the read: its buffers would stay in the heap
+        weights_restored(tree_bytes(abstract))  # before the read: its buffers would stay in the heap
     try:
         with _manager(directory) as mngr:
             step = mngr.latest_step()
@@ -108,11 +108,12 @@ def restore_params(directory: str, abstract: Any = None, mesh=None) -> Any:
     # DiT-XL/2 + VAE load, under everything sampling allocates next (docs/performance.md).
     gc.collect()
     release_free_heap()
-    weights_restored(_nbytes(params))
+    if abstract is None:  # sizes known only now
+        weights_restored(tree_bytes(params))
     return params
 
 
-def _nbytes(tree: Any) -> int:
+def tree_bytes(tree: Any) -> int:
     """Bytes of a tree of arrays or ShapeDtypeStructs."""
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
                if hasattr(x, "shape") and hasattr(x, "dtype"))

@@ -41,6 +41,7 @@ from l2c_jax.bench.harness import (bench_schedule, build_model, build_sampler, c
                                    inputs, machine_info, rel, rel_rms, resolve_strategy, summarize, typed_model,
                                    write_row)
 from l2c_jax.bench.reference import torch_reference
+from l2c_jax.checkpoint import tree_bytes
 from l2c_jax.errors import ConfigError
 from l2c_jax.memory import Phases, device_peak_bytes, maxrss_bytes
 
@@ -168,8 +169,6 @@ def _schedule_row(config, row, model32, strategy, report):
 def _time_full_and_schedule(config, row, sampler, schedule, noise, y, report) -> dict:
     """Full sampling and the schedule, interleaved after a warm-up; medians, speed-up and memory into `row`.
     Returns the last latents of each ({"full", "l2c"})."""
-    import jax
-
     max_steps = int(config.get("max_steps", 0) or 0)
     warmup, repeats, batch = row["warmup"], row["repeats"], row["batch_size"]
     kinds = {"full": None, "l2c": schedule}
@@ -203,7 +202,7 @@ def _time_full_and_schedule(config, row, sampler, schedule, noise, y, report) ->
     row["speedup"] = row["full"]["median"] / row["l2c"]["median"]
     row["speedup_over_bound"] = row["speedup"] / row["flop_bound"]
     row["l2c_vs_full_rel"] = rel(lat["l2c"], lat["full"])
-    params_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(sampler.model.params)))
+    params_bytes = tree_bytes(sampler.model.params)
     row["memory"] = dict(peak_rss_sampling_bytes=int(sampling_memory["peak_rss_bytes"]), maxrss_before_sampling_bytes=rss0,
                          maxrss_bytes=maxrss_bytes(), sampler_params_bytes=params_bytes,
                          device_peak_bytes=device_peak_bytes())
