@@ -20,6 +20,9 @@ holds `"format": "l2c_jax.router"` and `"format_version"` as a decimal string.
              "format_version" "1", "kind" (dit-ddim | uvit-dpm2), "steps",
              "num_units", "threshold" ("" for none), "source". Written by
              every release so far (recorded since the first commit).
+  version 2  adds, for a router trained with learned forecasts, the tensor
+             `forecast_coefs` (rows, units, 2) float32. Version 1 files
+             load as they are (routers without learned forecasts).
 
 The rule (`check_format_version`): the current version loads; an older one
 loads when it is at least the format's OLDEST (its loader then upgrades it
@@ -45,7 +48,7 @@ from l2c_jax.errors import CheckpointError
 
 MODEL_DIR_VERSION = 1  # written by write_model_dir
 MODEL_DIR_OLDEST = 1   # oldest read (upgraded in memory when older than the current one)
-ROUTER_VERSION = 1     # written by save_router
+ROUTER_VERSION = 2     # written by save_router
 ROUTER_OLDEST = 1
 
 FIELD = "format_version"

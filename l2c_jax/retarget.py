@@ -9,7 +9,8 @@ linearly over that time axis, holding the end values past the ends. Cache
 steps interpolate only from cache steps of the same position in the period
 (a period-3 router's "one step after a full step" rows from its own kind),
 so the period and the forecast carry over unchanged, and so does the
-threshold. Full steps' rows are never read and are written as 0.
+threshold; learned forecast coefficients interpolate the same way. Full
+steps' rows are never read and are written as 0.
 
 It costs nothing and needs no data; how close it comes to a router trained
 for M steps is measured in the README (the digits DiT, 50 -> 20 and 20 -> 50).
@@ -58,6 +59,7 @@ def retarget(router: Router, steps: int, skip_type: str = "time_uniform") -> Rou
         raise ConfigError(f"cannot retarget to {steps} DDIM steps: L2C's period-2 routers need an even step count")
     t_src, t_dst = row_times(router.kind, router.steps, skip_type), row_times(router.kind, steps, skip_type)
     prob = np.zeros((steps, router.num_units), np.float32)
+    coefs = None if router.coefs is None else np.zeros((steps, router.num_units, 2), np.float32)
     for pos in sorted({_position(target, s) for s in target.cache_steps()}):
         src_rows = [router._row_of_step(s) for s in router.cache_steps() if _position(router, s) == pos]
         dst_rows = [target._row_of_step(s) for s in target.cache_steps() if _position(target, s) == pos]
@@ -67,5 +69,8 @@ def retarget(router: Router, steps: int, skip_type: str = "time_uniform") -> Rou
         xs, ys = t_src[src_rows][order], router.prob[src_rows][order]
         for u in range(router.num_units):
             prob[dst_rows, u] = np.interp(t_dst[dst_rows], xs, ys[:, u])
+            for k in range(2 if coefs is not None else 0):
+                coefs[dst_rows, u, k] = np.interp(t_dst[dst_rows], xs, router.coefs[src_rows][order][:, u, k])
     target.prob = prob
+    target.coefs = coefs
     return target

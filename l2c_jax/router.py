@@ -25,7 +25,11 @@ Formats read by `load_router`: the released DiT `DDIM*_router.pt`
 (`{"routers": {"<i>.prob"}, "opt", "args"}`), the released U-ViT
 `dpm*_router.pth` (`{"<i>.prob"}`), and this project's `.safetensors` (a
 `(rows, units)` float32 `prob` plus string metadata), or a directory holding
-`router.safetensors`; its metadata records a format version, checked
+`router.safetensors`; a router trained with learned forecasts also holds
+`forecast_coefs` (rows, units, 2): per row and unit, the coefficients of d1
+and d2 a reused unit's value is advanced by (`l2c_jax.sampling.forecast`;
+Taylor's own are 1 and (2j-1)/2, j steps after the period start). Its metadata
+records a format version, checked
 before anything else (versions and the rule: `l2c_jax.formats`). Nothing is
 unpickled beyond tensors, containers and `argparse.Namespace` (see
 `l2c_jax.torch_io`).
@@ -81,6 +85,8 @@ class Router:
     source: Optional[str] = None
     period: int = 2  # dit-ddim: a full step, then period-1 cache steps (2: the original L2C)
     forecast: str = "copy"  # how reused units were formed in training ("copy", "taylor1", "taylor2")
+    # Learned forecasts: (rows, num_units, 2) coefficients of d1, d2 per row and unit; None: Taylor's own.
+    coefs: Optional[np.ndarray] = None
 
     def __post_init__(self):
         _check_kind(self.kind)
@@ -101,6 +107,16 @@ class Router:
         if not np.isfinite(prob).all():
             raise ConfigError(f"{where}router holds non-finite values")
         self.prob = np.ascontiguousarray(prob, dtype=np.float32)
+        if self.coefs is not None:
+            coefs = np.asarray(self.coefs)
+            if self.forecast == "copy":
+                raise ConfigError(f"{where}router holds learned forecast coefficients but copies (forecast 'copy')")
+            if coefs.shape != prob.shape + (2,):
+                raise ConfigError(f"{where}router forecast coefficients have shape {coefs.shape}, expected "
+                                  f"{prob.shape + (2,)} (rows, units, d1 and d2)")
+            if not np.isfinite(coefs).all():
+                raise ConfigError(f"{where}router forecast coefficients hold non-finite values")
+            self.coefs = np.ascontiguousarray(coefs, dtype=np.float32)
         if self.threshold is not None:
             self.threshold = float(self.threshold)
 
@@ -200,7 +216,7 @@ class Router:
     def describe(self) -> str:
         """One line: kind and shape."""
         extra = "" if self.period == 2 and self.forecast == "copy" else \
-            f", cache period {self.period}, {self.forecast} forecast"
+            f", cache period {self.period}, {self.forecast} forecast" + (" (learned)" if self.coefs is not None else "")
         return (f"{self.kind} router, {self.steps} rows x {self.num_units} sub-layers "
                 f"({self.num_blocks} blocks, {self.sampler_steps} {self._step_word()}{extra})")
 
@@ -279,7 +295,7 @@ def _load_project(path: str, tensors: Mapping[str, np.ndarray], kind: Optional[s
     formats.check_format_version(meta.get(formats.FIELD), FORMAT_VERSION, "router", path,
                                  _migrate_hint(meta.get("kind")), oldest=formats.ROUTER_OLDEST,
                                  missing=formats.FIELD not in meta)
-    # Format 1 is the only one so far: nothing to upgrade in memory.
+    # Format 1 has no forecast coefficients, which is what a router without them loads as: no upgrade needed.
     prob = tensors.get("prob")
     if not isinstance(prob, np.ndarray) or prob.ndim != 2:
         shape = getattr(prob, "shape", None)
@@ -299,9 +315,13 @@ def _load_project(path: str, tensors: Mapping[str, np.ndarray], kind: Optional[s
     except ValueError:
         raise CheckpointError(f"{path}: router metadata threshold {thr!r} is not a number") from None
     period = _meta_int(meta, "period", path) if meta.get("period") else 2  # files before periods: L2C's 2
+    coefs = tensors.get("forecast_coefs")
+    if coefs is not None and (not isinstance(coefs, np.ndarray) or coefs.shape != (steps, units, 2)):
+        raise CheckpointError(f"{path}: forecast_coefs has shape {getattr(coefs, 'shape', None)}, expected "
+                              f"({steps}, {units}, 2)")
     try:
         return Router(prob=prob, kind=file_kind, threshold=thr, source=path, period=period,
-                      forecast=meta.get("forecast") or "copy")
+                      forecast=meta.get("forecast") or "copy", coefs=coefs)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -381,7 +401,10 @@ def save_router(router: Router, path) -> str:
         "source": os.path.basename(router.source) if router.source else "",
     }
     tmp = path + ".tmp"
-    save_file({"prob": np.ascontiguousarray(router.prob, dtype=np.float32)}, tmp, metadata=meta)
+    tensors = {"prob": np.ascontiguousarray(router.prob, dtype=np.float32)}
+    if router.coefs is not None:
+        tensors["forecast_coefs"] = np.ascontiguousarray(router.coefs, dtype=np.float32)
+    save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)  # never leave a half-written router under the final name
     return path
 

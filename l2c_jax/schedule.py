@@ -32,7 +32,8 @@ class Schedule:
     """masks: (rows, units) bool or None (every unit at every evaluation); forecast: how reused units are
     formed; anchors: (rows,) bool or None (the all-True rows). method / setting name it in reports; steps: the
     sampler steps it runs (None: the sampler's own); reference_steps: the full sampler's step count its computed
-    share is counted against."""
+    share is counted against. coefficients: (rows, units, 2) learned forecast coefficients of d1 and d2 per
+    evaluation and unit, in sampling order (a router's `coefs`); None: Taylor's own."""
 
     masks: Optional[np.ndarray] = None
     forecast: str = "copy"
@@ -43,6 +44,7 @@ class Schedule:
     reference_steps: Optional[int] = None
     num_units: Optional[int] = None
     source: str = ""
+    coefficients: Optional[np.ndarray] = None
 
     def __post_init__(self):
         if self.forecast not in FORECASTS:
@@ -56,6 +58,12 @@ class Schedule:
                 self.num_units = int(m.shape[1])
         if self.anchors is not None:
             self.anchors = np.asarray(self.anchors, bool)
+        if self.coefficients is not None:
+            c = np.asarray(self.coefficients, np.float32)
+            if self.masks is None or c.shape != self.masks.shape + (2,):
+                raise ConfigError(f"forecast coefficients have shape {c.shape}, the schedule needs "
+                                  f"{None if self.masks is None else self.masks.shape + (2,)}")
+            self.coefficients = c
         self.setting = str(self.setting)
 
     @property
@@ -88,7 +96,8 @@ class Schedule:
         """Hashable identity of what the sampler runs (masks, anchors, forecast)."""
         if self.masks is None:
             return (None, None, self.forecast)
-        return (self.masks.shape, self.masks.tobytes(), self.anchor_rows().tobytes(), self.forecast)
+        learned = None if self.coefficients is None else self.coefficients.tobytes()
+        return (self.masks.shape, self.masks.tobytes(), self.anchor_rows().tobytes(), self.forecast, learned)
 
     def describe(self) -> str:
         return self.method if self.setting in ("-", "") else f"{self.method} {self.setting}"
@@ -135,8 +144,11 @@ def from_router(router, *, kind: str, num_units: int, rows: int, threshold=None,
     if threshold is None:
         raise ConfigError("a router needs a threshold (the released DiT routers use 0.1, U-ViT 0.9)")
     masks = router.masks(check_threshold(threshold))
-    anchors = None
+    anchors = coefficients = None
     if kind == "dit-ddim":
         anchors = np.arange(rows) % router.period == 0
+    if router.coefs is not None:  # router rows are respaced indices: sampling order runs them backwards
+        coefficients = router.coefs[[router._row_of_step(s) for s in range(masks.shape[0])]]
     return Schedule(masks=masks, forecast=router.forecast, anchors=anchors, method="l2c",
-                    setting=f"{float(threshold):g}", num_units=num_units, source=router.source or "")
+                    setting=f"{float(threshold):g}", num_units=num_units, source=router.source or "",
+                    coefficients=coefficients)

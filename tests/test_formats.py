@@ -181,18 +181,19 @@ def test_router_current_version_loads(tmp_path):
     path = save_router(src, tmp_path / "r.safetensors")
     from safetensors import safe_open
     with safe_open(path, framework="numpy") as f:
-        assert f.metadata()["format_version"] == str(formats.ROUTER_VERSION) == "1"
+        assert f.metadata()["format_version"] == str(formats.ROUTER_VERSION) == "2"
     back = load_router(path)
     np.testing.assert_array_equal(back.prob, src.prob)
     assert back.kind == "dit-ddim" and back.threshold == 0.25
-    # The shipped routers were written by an earlier commit with format_version "1".
+    # The shipped routers were written with format_version "1" (no learned forecasts): they load as they are.
     shipped = os.path.join(ROOT, "assets", "digits", "router_ddim20.safetensors")
-    if os.path.exists(shipped):
-        assert load_router(shipped).steps == 20
+    with safe_open(shipped, framework="numpy") as f:
+        assert f.metadata()["format_version"] == "1"
+    assert load_router(shipped).steps == 20 and load_router(shipped).coefs is None
 
 
 @pytest.mark.parametrize("value, match", [
-    ("2", r"written by a newer l2c_jax \(router format 2, this reads up to 1\): upgrade l2c_jax"),
+    ("3", r"written by a newer l2c_jax \(router format 3, this reads up to 2\): upgrade l2c_jax"),
     ("abc", "router format_version 'abc' is not a positive integer"),
     ("1.0", "'1.0' is not a positive integer"),
     ("", "'' is not a positive integer"),
@@ -203,7 +204,7 @@ def test_router_bad_versions_refused(tmp_path, value, match):
     _rewrite_meta(path, format_version=value)
     msg = _refused(match, load_router, path)
     assert msg.startswith(path + ": ")
-    if value != "2":
+    if value != "3":
         assert "python convert/router.py --checkpoint ROUTER.pt --kind dit-ddim" in msg
 
 
@@ -219,7 +220,7 @@ def test_newer_router_with_another_layout_refused_by_version(tmp_path):
 
     path = str(tmp_path / "r.safetensors")
     save_file({"logits": np.zeros((2, 4, 6), np.float32)}, path,
-              metadata={"format": "l2c_jax.router", "format_version": "2", "kind": "dit-ddim"})
+              metadata={"format": "l2c_jax.router", "format_version": "3", "kind": "dit-ddim"})
     _refused("newer l2c_jax", load_router, path)
     save_file({"logits": np.zeros((2, 4, 6), np.float32)}, path,
               metadata={"format": "l2c_jax.router", "format_version": "1", "kind": "dit-ddim"})

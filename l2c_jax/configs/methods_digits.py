@@ -17,7 +17,8 @@ from l2c_jax.configs.digits_dit import ARCH
 from l2c_jax.resources import asset
 
 VARIANTS = ("", "quick")
-PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2")
+PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2", "k4_taylor2_learned_l1x5",
+                  "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5")
 IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 

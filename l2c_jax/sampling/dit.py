@@ -148,7 +148,8 @@ class DiTSampler(Sampler):
                 raise ConfigError("the first sampler step must compute every sub-layer (there is no cache yet)")
             plan = None
             if sched.forecasts:
-                plan = plan_forecast(sched.masks, sched.anchor_rows(), forecast_order(sched.forecast))
+                plan = plan_forecast(sched.masks, sched.anchor_rows(), forecast_order(sched.forecast),
+                                     sched.coefficients)
             coef = None if plan is None else {k: jnp.asarray(v) for k, v in plan.coeffs.items()}
             # "auto" runs forecasting schedules as static graphs: under "cond" the forecast, formed for every
             # unit ahead of its conditional, measured 1.8x slower on the CPU (TaylorSeer 4/2, digits DiT).

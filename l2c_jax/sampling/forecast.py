@@ -158,12 +158,14 @@ class ForecastPlan:
         return TracedPlan(tuple(layout))
 
 
-def plan_forecast(masks: np.ndarray, anchors: np.ndarray, order) -> ForecastPlan:
+def plan_forecast(masks: np.ndarray, anchors: np.ndarray, order, coefficients=None) -> ForecastPlan:
     """Plans the forecast of a static schedule.
 
     masks: (steps, units) bool, True = compute; anchors: (steps,) bool, each an
     all-True row, the first row among them; order: 0, 1 or 2, for every unit or
-    (units,) per unit.
+    (units,) per unit. coefficients: (steps, units, 2) learned coefficients of
+    d1 and d2 for each reuse's increment, in place of Taylor's (a router's
+    learned forecast); None: Taylor's.
     """
     masks = np.asarray(masks, bool)
     anchors = np.asarray(anchors, bool)
@@ -193,6 +195,8 @@ def plan_forecast(masks: np.ndarray, anchors: np.ndarray, order) -> ForecastPlan
         k = np.where(masks[s], 0, np.minimum(orders, known))
         reads[s] = k
         c1, c2 = shift_coefficients(float(s - anchor_steps[a_index[s]] - 1), float(s - anchor_steps[a_index[s]]))
+        if coefficients is not None:
+            c1, c2 = coefficients[s, :, 0], coefficients[s, :, 1]
         a1[s] = np.where(k >= 1, c1, 0.0)
         a2[s] = np.where(k >= 2, c2, 0.0)
         acc1, acc2 = np.where(masks[s], 0.0, acc1 + a1[s]), np.where(masks[s], 0.0, acc2 + a2[s])

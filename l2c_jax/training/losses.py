@@ -48,7 +48,7 @@ def router_weights(prob_row, ste_threshold: Optional[float] = None):
 
 
 def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
-                    ste_threshold: Optional[float] = None, period: int = 2, forecast: str = "copy"):
+                    ste_threshold: Optional[float] = None, period: int = 2, forecast: str = "copy", coefs=None):
     """Returns (loss, aux). batch: x0 (B,H,W,C) latents, y (B,) labels already dropped
     to the null class where needed, noise (B,H,W,C), t_index () the respaced index of a full step.
 
@@ -63,12 +63,15 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     states from the same noise), and each cache step advances every unit's latest value
     along the Taylor polynomial (which telescopes to the sampler's forecast; `dit_period_roll`).
 
+    coefs: (steps, units, 2) learned forecast coefficients (a router's `coefs`, differentiated with prob when
+    trained): each cache step advances a unit by coefs[row, u] . (d1, d2) rather than by Taylor's step.
+
     Image-free (batch["states"], (B, steps, H, W, C) full-sampler states in sampling
     order, `l2c_jax.training.trajectories`): every state the loss would noise x0 to
     is the recorded one instead, the sampler's own state at that step.
     """
     rolled = dit_period_roll(prob, params, batch, model=model, diffusion=diffusion, ste_threshold=ste_threshold,
-                             period=period, forecast=forecast)
+                             period=period, forecast=forecast, coefs=coefs)
     sg = jax.lax.stop_gradient
     data, l1s, mses, count = 0.0, 0.0, 0.0, 0.0
     for r in rolled:
@@ -82,7 +85,7 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
 
 
 def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Optional[float] = None,
-                    period: int = 2, forecast: str = "copy", with_target: bool = True) -> list:
+                    period: int = 2, forecast: str = "copy", with_target: bool = True, coefs=None) -> list:
     """The period `dit_router_loss` trains, rolled as the sampler would run it: per cache step j = 1..period-1,
     a dict of the state it starts from (x), the router's (interpolated) model output (pred), the full model's
     (target, when `with_target`), the router's scores, the state it leads to (x_next) and whether the step
@@ -136,9 +139,11 @@ def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Opt
         target = model.apply(params, x, t_of(ic), y)[0] if with_target else None
         weights, scores = router_weights(prob[ic], ste_threshold)
         cache_in = cache
-        if order:  # each unit's latest value, advanced along its polynomial by one step
+        if order:  # each unit's latest value, advanced along its polynomial by one step (or as learned)
             a1, a2 = shift_coefficients(j - 1, j)
-            cache_in = tuple(forecast_entry(c, d1[u], None if d2 is None else d2[u], a1, a2)
+            a1 = [a1] * len(cache) if coefs is None else [coefs[ic, u, 0] for u in range(len(cache))]
+            a2 = [a2] * len(cache) if coefs is None else [coefs[ic, u, 1] for u in range(len(cache))]
+            cache_in = tuple(forecast_entry(c, d1[u], None if d2 is None else d2[u], a1[u], a2[u])
                              for u, c in enumerate(cache))
         pred, new_cache = model.apply(params, x, t_of(ic), y, cache=cache_in, beta=weights)
         x_next = sg(diffusion.ddim_step(pred, x, ic))

@@ -24,6 +24,7 @@ import numpy as np
 from l2c_jax.diffusion import create_diffusion
 from l2c_jax.errors import ConfigError
 from l2c_jax.router import Router
+from l2c_jax.sampling.forecast import check_forecast, shift_coefficients
 from l2c_jax.training.losses import (UViTLossSchedule, dit_random_batch, dit_router_loss, uvit_random_batch,
                                      uvit_router_loss)
 
@@ -45,11 +46,13 @@ class RouterObjective:
     draw: Callable
     period: int = 2          # a full step, then period-1 cache steps (dit-ddim)
     forecast: str = "copy"   # how a reused unit's value is formed in training and sampling
+    # Learned forecasts: the coefficients they start from, (rows, units, 2), Taylor's own (None: not learned).
+    initial_coefs: Optional[np.ndarray] = None
 
-    def router(self, prob, threshold=None, source=None) -> Router:
-        """A `Router` of this objective's kind, period and forecast."""
+    def router(self, prob, threshold=None, source=None, coefs=None) -> Router:
+        """A `Router` of this objective's kind, period and forecast (and learned coefficients)."""
         return Router(np.asarray(prob), self.kind, threshold=threshold, source=source, period=self.period,
-                      forecast=self.forecast)
+                      forecast=self.forecast, coefs=None if coefs is None else np.asarray(coefs))
 
 
 def _common(config) -> tuple[float, Optional[float], float]:
@@ -60,8 +63,6 @@ def _common(config) -> tuple[float, Optional[float], float]:
 def dit_objective(model, config) -> RouterObjective:
     """DDIM on the DiT's diffusion respaced to `sampler.steps`, in cache periods of `router.period` steps
     (2: full and cache steps alternate, the original; even step counts only, as the original)."""
-    from l2c_jax.sampling.forecast import check_forecast
-
     steps = int(config.sampler.steps)
     rc = config.get("router") or {}
     period, forecast = int(rc.get("period", 2) or 2), check_forecast(rc.get("forecast") or "copy")
@@ -75,13 +76,29 @@ def dit_objective(model, config) -> RouterObjective:
     if dropout > 0 and not model.config.has_null_class:
         raise ConfigError(f"train.label_dropout={dropout} drops labels to the null class, and this DiT has no "
                           "null-class row (trained with class dropout 0): set train.label_dropout=0")
+    learn = bool(rc.get("learn_forecast", False))
+    if learn and forecast == "copy":
+        raise ConfigError("router.learn_forecast learns how reused units are forecast: set router.forecast to "
+                          "taylor1 or taylor2")
     diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
     loss = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=l1, ste_threshold=ste,
                              period=period, forecast=forecast)
     draw = functools.partial(dit_random_batch, steps=diffusion.num_timesteps, null_class=model.config.null_class,
                              label_dropout=dropout, period=period)
     heat_rows = np.asarray([steps - 1 - s for s in range(steps) if s % period])
-    return RouterObjective("dit-ddim", steps, heat_rows, diffusion, loss, draw, period, forecast)
+    coefs = taylor_coefs(steps, model.num_units, period) if learn else None
+    return RouterObjective("dit-ddim", steps, heat_rows, diffusion, loss, draw, period, forecast, coefs)
+
+
+def taylor_coefs(steps: int, num_units: int, period: int) -> np.ndarray:
+    """(steps, units, 2) the coefficients of d1 and d2 Taylor's forecast advances a reused unit by, per router
+    row (a respaced index: row steps-1-s is sampler step s, j = s % period steps after its period start)."""
+    out = np.zeros((steps, num_units, 2), np.float32)
+    for s in range(steps):
+        j = s % period
+        if j:
+            out[steps - 1 - s] = shift_coefficients(j - 1, j)
+    return out
 
 
 def uvit_objective(model, config) -> RouterObjective:

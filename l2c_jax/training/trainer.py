@@ -1,7 +1,9 @@
 """The router-training job: `train_router(config, workdir)`.
 
 The model (and VAE) parameters are closed-over constants of the jitted step;
-optax only ever sees the router `prob` (rows, 2*blocks). The batch is split
+optax only ever sees the router: `prob` (rows, 2*blocks), and with
+`router.learn_forecast` also its forecast coefficients `coefs` (rows, 2*blocks,
+2), started at Taylor's own (`l2c_jax.sampling.forecast`). The batch is split
 over a 1-D `data` mesh of all local devices, the rest replicated.
 
 The objective comes from the model's family (`l2c_jax.training.objectives`):
@@ -84,15 +86,29 @@ def build_step(objective: RouterObjective, vae, config, tx):
             b = dict(objective.draw(k_draw, batch["states"][:, 0], batch["y"]), states=batch["states"])
         else:
             b = objective.draw(k_draw, latents(batch, k_post), batch["y"])
-        (loss, aux), grad = jax.value_and_grad(objective.loss, has_aux=True)(state["prob"], params, b)
-        updates, opt_state = tx.update(grad, state["opt_state"], state["prob"])
-        prob = optax.apply_updates(state["prob"], updates)
+        # The router is what the optimizer sees: prob, and with learned forecasts their coefficients too.
+        trained = {k: state[k] for k in ROUTER_KEYS if k in state}
+        (loss, aux), grad = jax.value_and_grad(
+            lambda r: objective.loss(r["prob"], params, b, **({"coefs": r["coefs"]} if "coefs" in r else {})),
+            has_aux=True)(trained)
+        updates, opt_state = tx.update(_router_tree(grad), state["opt_state"], _router_tree(trained))
+        new = optax.apply_updates(_router_tree(trained), updates)
+        new = new if isinstance(new, dict) else {"prob": new}
         if clamp is not None:
-            prob = jnp.clip(prob, -clamp, clamp)
+            new["prob"] = jnp.clip(new["prob"], -clamp, clamp)
         metrics = dict(loss=loss, data_loss=aux["data_loss"], l1_term=l1_weight * aux["l1"])
-        return dict(prob=prob, opt_state=opt_state, step=state["step"] + 1), metrics
+        return dict(new, opt_state=opt_state, step=state["step"] + 1), metrics
 
     return jax.jit(step, donate_argnums=(0,))
+
+
+ROUTER_KEYS = ("prob", "coefs")
+
+
+def _router_tree(trained: dict):
+    """What optax sees: prob alone (as every router trained before learned forecasts: their optimizer state
+    resumes unchanged), or {"prob", "coefs"}."""
+    return trained if "coefs" in trained else trained["prob"]
 
 
 def router_heatmap(prob: np.ndarray, rows: np.ndarray, upscale: int = 8) -> np.ndarray:
@@ -146,7 +162,10 @@ def _train_router(config, workdir: str, report) -> dict:
     def init_state():
         prob0 = jax.random.normal(jax.random.key(config.seed + 1), (objective.rows, model.num_units),
                                   jnp.float32)  # torch.randn init
-        return dict(prob=prob0, opt_state=tx.init(prob0), step=jnp.int32(0))
+        trained = {"prob": prob0}
+        if objective.initial_coefs is not None:  # learned forecasts start as Taylor's
+            trained["coefs"] = jnp.asarray(objective.initial_coefs)
+        return dict(trained, opt_state=tx.init(_router_tree(trained)), step=jnp.int32(0))
 
     params = model.on_devices(mesh).params  # loaded models are placed already: no copy
     step_fn = build_step(objective, vae, config, tx)
@@ -167,7 +186,8 @@ def _train_router(config, workdir: str, report) -> dict:
         log_every=int(tc.log_every), checkpoint_every=int(tc.checkpoint_every),
         keep_checkpoints=int(tc.get("keep_checkpoints", 3)), on_log=on_log, hint=f"lr {tc.lr}", report=report)
 
-    router = objective.router(state["prob"], threshold=thr, source=f"train_router step {int(state['step'])}")
+    router = objective.router(state["prob"], threshold=thr, source=f"train_router step {int(state['step'])}",
+                              coefs=state.get("coefs"))
     path = os.path.join(workdir, "router.safetensors")
     if distributed.is_main():
         save_router(router, path)

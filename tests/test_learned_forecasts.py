@@ -1,0 +1,165 @@
+"""Learned forecasts: a router that learns, per row and unit, the coefficients of d1 and d2 a reused unit is
+advanced by. Started at Taylor's own, it samples exactly as TaylorSeer's rule does; learned, the router loss
+and the sampler still forecast alike; the coefficients travel in the router file (format 2) and retarget."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from l2c_jax.errors import CheckpointError, ConfigError
+from l2c_jax.router import Router, load_router, save_router
+from l2c_jax.schedule import from_router
+from l2c_jax.training.objectives import taylor_coefs
+
+FAMILY = "dit"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The shipped digits DiT, 4 noises and labels: a trained model, whose units' forecasts matter (the tiny
+    random fixture model's reused units move its samples by 1e-6 at most)."""
+    from l2c_jax.model import load_model
+    from l2c_jax.resources import asset
+
+    return load_model(asset("digits", "dit")), jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), jnp.arange(4)
+
+
+def _router(units, steps, period, order, learned, seed=0):
+    rng = np.random.default_rng(seed)
+    prob = rng.normal(0.0, 2.0, size=(steps, units)).astype(np.float32)
+    coefs = None
+    if learned is not None:
+        coefs = taylor_coefs(steps, units, period)
+        if learned:  # moved away from Taylor's, differently per row and unit
+            coefs = coefs + rng.normal(0.0, 0.4, size=coefs.shape).astype(np.float32)
+    return Router(prob, "dit-ddim", threshold=0.5, period=period, forecast=f"taylor{order}", coefs=coefs)
+
+
+def test_taylor_coefficients_are_the_forecasters_own_step():
+    c = taylor_coefs(9, 2, 4)  # row 8 is step 0 (a period start), row 7 step 1, ...
+    np.testing.assert_array_equal(c[8], 0.0)
+    np.testing.assert_array_equal(c[7], [[1.0, 0.5]] * 2)  # F(1) - F(0): d1 + d2 / 2
+    np.testing.assert_array_equal(c[5], [[1.0, 2.5]] * 2)  # step 3: F(3) - F(2) = d1 + 5 d2 / 2
+    np.testing.assert_array_equal(c[4], 0.0)  # step 4 starts the next period
+
+
+def test_the_coefficients_travel_in_the_router_file_and_retarget(tmp_path):
+    r = _router(6, 12, 3, 2, learned=True)
+    assert "(learned)" in r.describe()
+    back = load_router(save_router(r, str(tmp_path / "r.safetensors")))
+    np.testing.assert_array_equal(back.coefs, r.coefs)
+    assert load_router(save_router(_router(6, 12, 3, 2, None), str(tmp_path / "plain"))).coefs is None
+    from l2c_jax.retarget import retarget
+    moved = retarget(r, 24)
+    assert moved.coefs.shape == (24, 6, 2)
+    # Interpolated from rows of the same position in the period: the first cache step after a period start
+    # keeps Taylor's d1 coefficient wherever the source's first cache steps all had it.
+    same = _router(6, 12, 3, 2, learned=False)
+    np.testing.assert_allclose(retarget(same, 24).coefs, taylor_coefs(24, 6, 3), atol=1e-6)
+    bad = [dict(coefs=np.zeros((12, 6, 3))), dict(coefs=np.full((12, 6, 2), np.nan)),
+           dict(coefs=np.zeros((12, 6, 2)), forecast="copy")]
+    for kw in bad:
+        with pytest.raises(ConfigError):
+            Router(r.prob, "dit-ddim", period=3, **dict(dict(forecast="taylor2"), **kw))
+    # A file whose coefficients do not match its rows is refused in one line.
+    from safetensors.numpy import save_file
+    path = str(tmp_path / "bad.safetensors")
+    with __import__("safetensors").safe_open(str(tmp_path / "r.safetensors"), framework="numpy") as f:
+        meta = f.metadata()
+    save_file({"prob": r.prob, "forecast_coefs": np.zeros((11, 6, 2), np.float32)}, path, metadata=meta)
+    with pytest.raises(CheckpointError, match="forecast_coefs has shape"):
+        load_router(path)
+
+
+def test_taylors_coefficients_sample_exactly_as_taylorseer(digits):
+    from l2c_jax.sampling import DiTSampler
+
+    model, noise, y = digits
+    plain = _router(model.num_units, 10, 3, 2, None, seed=1)
+    init = _router(model.num_units, 10, 3, 2, False, seed=1)
+    learned = _router(model.num_units, 10, 3, 2, True, seed=1)
+    sched = {k: from_router(r, kind="dit-ddim", num_units=model.num_units, rows=10)
+             for k, r in dict(plain=plain, init=init, learned=learned).items()}
+    assert sched["init"].coefficients is not None and sched["init"].key() != sched["plain"].key()
+    smp = DiTSampler(model, 10)
+    want = np.asarray(smp(noise, y, sched["plain"]))
+    np.testing.assert_array_equal(np.asarray(smp(noise, y, sched["init"])), want)
+    got = np.asarray(smp(noise, y, sched["learned"]))
+    assert rel_err(got, want) > 1e-3  # the coefficients are used
+    cond = np.asarray(DiTSampler(model, 10, strategy="cond")(noise, y, sched["learned"]))
+    np.testing.assert_allclose(cond, got, atol=1e-5)
+
+
+@pytest.mark.parametrize("period, order", [(3, 2), (4, 1)])
+def test_the_router_loss_forecasts_with_learned_coefficients_as_the_sampler_does(digits, period, order):
+    """The loss's rolled period (hard router weights), given the sampler's own states and the router's learned
+    coefficients, reproduces the sampler's next states; the coefficients of cache rows get gradients."""
+    from l2c_jax.diffusion import create_diffusion
+    from l2c_jax.sampling import DiTSampler
+    from l2c_jax.training.losses import dit_period_roll, dit_router_loss
+
+    steps = 12
+    model, noise, y = digits
+    router = _router(model.num_units, steps, period, order, True, seed=2)
+    sched = from_router(router, kind="dit-ddim", num_units=model.num_units, rows=steps)
+    states = []
+    out = DiTSampler(model, steps)(noise, y, sched, on_state=lambda s, x: states.append(np.asarray(x)))
+    states = np.stack(states + [np.asarray(out)], 1)
+    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+    prob = jnp.asarray(np.where(sched.masks[::-1], 30.0, -30.0), jnp.float32)
+    coefs = jnp.asarray(router.coefs)
+    roll = jax.jit(functools.partial(dit_period_roll, model=model, diffusion=diffusion, ste_threshold=0.5,
+                                     period=period, forecast=f"taylor{order}", with_target=False))
+    checked, taylors = 0, []
+    for start in range(0, steps - 1, period):
+        batch = dict(x0=jnp.zeros_like(noise), y=y, noise=noise, t_index=jnp.int32(steps - 1 - start),
+                     states=jnp.asarray(states[:, :steps]))
+        plain = roll(prob, model.params, batch)  # Taylor's coefficients: not what the sampler ran
+        for j, r in enumerate(roll(prob, model.params, batch, coefs=coefs), start=1):
+            if start + j < steps:
+                assert rel_err(r["x_next"], states[:, start + j + 1]) < 1e-5, (start, j)
+                taylors.append(rel_err(plain[j - 1]["x_next"], states[:, start + j + 1]))
+                checked += 1
+    assert checked == steps - len(range(0, steps - 1, period))
+    assert max(taylors) > 1e-3  # the check can tell the learned coefficients from Taylor's
+
+    start = steps - 1 - 2 * period  # the third period start: d1 and d2 both known
+    batch = dict(x0=jnp.zeros_like(noise), y=y, noise=noise, t_index=jnp.int32(start),
+                 states=jnp.asarray(states[:, :steps]))
+    grad = jax.grad(lambda c: dit_router_loss(jnp.asarray(router.prob), model.params, batch, model=model,
+                                              diffusion=diffusion, l1_weight=0.0, period=period,
+                                              forecast=f"taylor{order}", coefs=c)[0])(coefs)
+    grad = np.asarray(grad)
+    rows = np.flatnonzero(np.abs(grad).sum((1, 2)) > 0)
+    np.testing.assert_array_equal(rows, [start - j for j in range(period - 1, 0, -1)])
+    assert (np.abs(grad[..., 1]).sum() > 0) == (order == 2)  # order 1 never reads d2
+
+
+@pytest.mark.slow
+def test_a_router_learns_its_forecast_and_samples_with_it(tmp_path, digits):
+    """docs/learned_forecasts.md's two commands as written (tests/docs_blocks.py), short: the coefficients of
+    the cache rows move from Taylor's (those of full steps never enter a loss), and the router samples."""
+    import json
+
+    from docs_blocks import run_block
+    run_block("learned", tmp_path, append={
+        1: "--config.train.steps=4 --config.train.batch_size=8 --config.train.log_every=2 "
+           "--config.train.checkpoint_every=4",
+        2: "--config.num_samples=8 --config.batch_size=8 --config.strategy=cond"})  # one graph for 50 steps
+    router = load_router(str(tmp_path / "runs" / "k4t2l"))
+    assert (router.period, router.forecast) == (4, "taylor2") and router.coefs is not None
+    moved = np.flatnonzero(np.abs(router.coefs - taylor_coefs(50, router.num_units, 4)).max((1, 2)) > 0)
+    assert len(moved) > 0 and set(moved.tolist()) <= set(router.cache_rows())
+    report = json.load(open(tmp_path / "out" / "digits_ddim50_l2c" / "report.json"))
+    assert report["num_images"] == 8 and report["forecast"] == "taylor2"
+
+    from l2c_jax.configs.router_digits import get_config
+    from l2c_jax.training.objectives import dit_objective
+    copies = get_config("20_k4")
+    copies.router.learn_forecast = True
+    with pytest.raises(ConfigError, match="learn_forecast"):  # nothing to learn where reused units are copied
+        dit_objective(digits[0], copies)
