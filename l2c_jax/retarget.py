@@ -67,10 +67,11 @@ def retarget(router: Router, steps: int, skip_type: str = "time_uniform") -> Rou
             raise ConfigError(f"{router.source or 'the router'} has no cache steps to retarget from")
         order = np.argsort(t_src[src_rows])
         xs, ys = t_src[src_rows][order], router.prob[src_rows][order]
+        cs = None if coefs is None else router.coefs[src_rows][order]
         for u in range(router.num_units):
             prob[dst_rows, u] = np.interp(t_dst[dst_rows], xs, ys[:, u])
-            for k in range(2 if coefs is not None else 0):
-                coefs[dst_rows, u, k] = np.interp(t_dst[dst_rows], xs, router.coefs[src_rows][order][:, u, k])
+            for k in range(0 if cs is None else 2):
+                coefs[dst_rows, u, k] = np.interp(t_dst[dst_rows], xs, cs[:, u, k])
     target.prob = prob
     target.coefs = coefs
     return target

@@ -140,10 +140,10 @@ def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Opt
         weights, scores = router_weights(prob[ic], ste_threshold)
         cache_in = cache
         if order:  # each unit's latest value, advanced along its polynomial by one step (or as learned)
-            a1, a2 = shift_coefficients(j - 1, j)
-            a1 = [a1] * len(cache) if coefs is None else [coefs[ic, u, 0] for u in range(len(cache))]
-            a2 = [a2] * len(cache) if coefs is None else [coefs[ic, u, 1] for u in range(len(cache))]
-            cache_in = tuple(forecast_entry(c, d1[u], None if d2 is None else d2[u], a1[u], a2[u])
+            def step(u):
+                return shift_coefficients(j - 1, j) if coefs is None else (coefs[ic, u, 0], coefs[ic, u, 1])
+
+            cache_in = tuple(forecast_entry(c, d1[u], None if d2 is None else d2[u], *step(u))
                              for u, c in enumerate(cache))
         pred, new_cache = model.apply(params, x, t_of(ic), y, cache=cache_in, beta=weights)
         x_next = sg(diffusion.ddim_step(pred, x, ic))

@@ -87,12 +87,16 @@ def build_step(objective: RouterObjective, vae, config, tx):
         else:
             b = objective.draw(k_draw, latents(batch, k_post), batch["y"])
         # The router is what the optimizer sees: prob, and with learned forecasts their coefficients too.
-        trained = {k: state[k] for k in ROUTER_KEYS if k in state}
-        (loss, aux), grad = jax.value_and_grad(
-            lambda r: objective.loss(r["prob"], params, b, **({"coefs": r["coefs"]} if "coefs" in r else {})),
-            has_aux=True)(trained)
-        updates, opt_state = tx.update(_router_tree(grad), state["opt_state"], _router_tree(trained))
-        new = optax.apply_updates(_router_tree(trained), updates)
+        router = _router_tree({k: state[k] for k in ROUTER_KEYS if k in state})
+
+        def loss_of(r):
+            if isinstance(r, dict):
+                return objective.loss(r["prob"], params, b, coefs=r["coefs"])
+            return objective.loss(r, params, b)
+
+        (loss, aux), grad = jax.value_and_grad(loss_of, has_aux=True)(router)
+        updates, opt_state = tx.update(grad, state["opt_state"], router)
+        new = optax.apply_updates(router, updates)
         new = new if isinstance(new, dict) else {"prob": new}
         if clamp is not None:
             new["prob"] = jnp.clip(new["prob"], -clamp, clamp)
