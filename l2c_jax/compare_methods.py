@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.schedule import LayoutMismatch
 
 
 class MissingRouter(ConfigError):
@@ -222,6 +223,8 @@ def _run_methods(config, workdir, report) -> list:
                 setting = _fewer(setting, steps)
             try:
                 todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32", {}))
+            except LayoutMismatch as e:  # full steps placed for another step count (a warp layout's last step)
+                report(f"  {name} {setting}: skipped at DDIM {steps} ({e})")
             except MissingRouter as e:  # a router named for some step counts only (e.g. a longer period at 50)
                 if name != "l2c" or not str(setting).strip("-"):
                     raise

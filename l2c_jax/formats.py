@@ -23,6 +23,10 @@ holds `"format": "l2c_jax.router"` and `"format_version"` as a decimal string.
   version 2  adds, for a router trained with learned forecasts, the tensor
              `forecast_coefs` (rows, units, 2) float32. Version 1 files
              load as they are (routers without learned forecasts).
+  version 3  adds the metadata "anchors": "" for a router whose full steps
+             are every period-th, else its full steps (sampler steps in
+             sampling order, comma-separated; `l2c_jax.schedule.anchor_layout`).
+             Versions 1 and 2 load as they are (periodic routers).
 
 The rule (`check_format_version`): the current version loads; an older one
 loads when it is at least the format's OLDEST (its loader then upgrades it
@@ -48,7 +52,7 @@ from l2c_jax.errors import CheckpointError
 
 MODEL_DIR_VERSION = 1  # written by write_model_dir
 MODEL_DIR_OLDEST = 1   # oldest read (upgraded in memory when older than the current one)
-ROUTER_VERSION = 2     # written by save_router
+ROUTER_VERSION = 3     # written by save_router
 ROUTER_OLDEST = 1
 
 FIELD = "format_version"

@@ -29,7 +29,9 @@ Methods (`METHODS`, by name; DiT column 2i is block i's attention, 2i+1 its MLP)
 - `fewer_steps`: the sampler with k steps (knob: k).
 - `taylorseer`: FORA's schedule with every reused unit forecast to the
   current step by a Taylor expansion of order 1 or 2 (knob: "N/order"), or
-  L2C's schedule forecast instead of copied (knob: "l2c/order").
+  L2C's schedule forecast instead of copied (knob: "l2c/order"), or full
+  steps placed by a layout rather than every N-th (knob: "warpC^P@L/order",
+  `l2c_jax.schedule.anchor_layout`).
 
 The first row always computes everything (there is no cache yet).
 """
@@ -42,7 +44,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from l2c_jax.errors import ConfigError
-from l2c_jax.schedule import Schedule
+from l2c_jax.schedule import Schedule, anchor_layout
 
 __all__ = ["METHODS", "Context", "Schedule", "make_schedule", "unit_changes"]
 
@@ -184,8 +186,15 @@ def taylorseer(ctx, setting="2/2") -> Schedule:
     order = int(order or 2)
     if order not in (1, 2):
         raise ConfigError(f"taylorseer forecasts with order 1 or 2, got {order}")
-    # On L2C's schedule the router's period starts are the anchors; FORA's computed steps are its own.
-    base_schedule = ctx.router_schedule("", None) if base == "l2c" else fora(ctx, int(base))
+    # On L2C's schedule the router's period starts are the anchors; FORA's computed steps are its own; a
+    # placed layout (warpC^P[@L], `l2c_jax.schedule.anchor_layout`) computes everything at its anchors only.
+    if base == "l2c":
+        base_schedule = ctx.router_schedule("", None)
+    elif base.isdigit():
+        base_schedule = fora(ctx, int(base))
+    else:
+        placed = anchor_layout(base, ctx.steps)
+        base_schedule = _schedule(ctx, "placed", base, np.repeat(placed[:, None], ctx.num_units, 1), anchors=placed)
     return _schedule(ctx, "taylorseer", f"{base}/{order}", base_schedule.masks, forecast=f"taylor{order}",
                      anchors=base_schedule.anchors)
 

@@ -52,6 +52,10 @@ def retarget(router: Router, steps: int, skip_type: str = "time_uniform") -> Rou
         return router
     if steps < 2:
         raise ConfigError(f"cannot retarget a router to {steps} steps")
+    if router.anchors is not None:
+        raise ConfigError(f"{router.source or 'the router'} places its full steps for {router.steps} steps "
+                          f"(anchors {','.join(map(str, router.anchors))}); placed anchors do not retarget: "
+                          f"train a router for {steps} steps")
     src = f"{router.source or 'router'} retargeted from {router.steps} to {steps} steps"
     target = Router(np.zeros((steps, router.num_units), np.float32), router.kind, threshold=router.threshold,
                     source=src, period=router.period, forecast=router.forecast)

@@ -28,7 +28,9 @@ Formats read by `load_router`: the released DiT `DDIM*_router.pt`
 `router.safetensors`; a router trained with learned forecasts also holds
 `forecast_coefs` (rows, units, 2): per row and unit, the coefficients of d1
 and d2 a reused unit's value is advanced by (`l2c_jax.sampling.forecast`;
-Taylor's own are 1 and (2j-1)/2, j steps after the period start). Its metadata
+Taylor's own are 1 and (2j-1)/2, j steps after the period start); one whose
+full steps are placed rather than periodic records them as metadata "anchors"
+(sampler steps, comma-separated). Its metadata
 records a format version, checked
 before anything else (versions and the rule: `l2c_jax.formats`). Nothing is
 unpickled beyond tensors, containers and `argparse.Namespace` (see
@@ -40,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -87,6 +89,9 @@ class Router:
     forecast: str = "copy"  # how reused units were formed in training ("copy", "taylor1", "taylor2")
     # Learned forecasts: (rows, num_units, 2) coefficients of d1, d2 per row and unit; None: Taylor's own.
     coefs: Optional[np.ndarray] = None
+    # dit-ddim: the sampler steps (sampling order, from 0) that compute every unit, when not every period-th
+    # (`l2c_jax.schedule.anchor_layout`); the steps between them are its cache steps. None: the period's.
+    anchors: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         _check_kind(self.kind)
@@ -117,6 +122,15 @@ class Router:
             if not np.isfinite(coefs).all():
                 raise ConfigError(f"{where}router forecast coefficients hold non-finite values")
             self.coefs = np.ascontiguousarray(coefs, dtype=np.float32)
+        if self.anchors is not None:
+            a = tuple(int(v) for v in self.anchors)
+            if self.kind != "dit-ddim":
+                raise ConfigError(f"{where}router anchors: only dit-ddim routers place their full steps")
+            if not a or a[0] != 0 or any(q <= p for p, q in zip(a, a[1:])) or a[-1] >= prob.shape[0] or \
+                    len(a) == prob.shape[0]:
+                raise ConfigError(f"{where}router anchors {list(a)}: expected steps rising from 0, below "
+                                  f"{prob.shape[0]}, with at least one cache step between or after them")
+            self.anchors = a
         if self.threshold is not None:
             self.threshold = float(self.threshold)
 
@@ -152,12 +166,20 @@ class Router:
             raise ConfigError("no threshold given (pass threshold=, or --threshold) and the router carries no default one")
         return float(threshold)
 
+    def anchor_rows(self) -> np.ndarray:
+        """(sampler_steps,) bool, sampling order: the full steps (dit-ddim: its anchors, or every period-th)."""
+        out = np.zeros(self.sampler_steps, bool)
+        if self.kind == "dit-ddim":
+            out[list(self.anchors) if self.anchors is not None else slice(None, None, self.period)] = True
+        else:
+            out[:1] = True
+        return out
+
     def cache_steps(self) -> list:
-        """Sampler steps (sampling order) that reuse the cache: for dit-ddim all but every period-th."""
+        """Sampler steps (sampling order) that reuse the cache: for dit-ddim all but its anchors."""
         if self.kind == "dit-ddim":
             self._check_even_dit()
-            return [s for s in range(self.steps) if s % self.period]
-        return list(range(1, self.sampler_steps))
+        return [int(s) for s in np.flatnonzero(~self.anchor_rows())]
 
     def cache_rows(self) -> list:
         """Router rows the cache steps use, ascending (the rows the original thresholds)."""
@@ -169,7 +191,7 @@ class Router:
         return self.steps - 1 - s if self.kind == "dit-ddim" else s
 
     def _check_even_dit(self):
-        if self.kind == "dit-ddim" and self.period == 2 and self.steps % 2:
+        if self.kind == "dit-ddim" and self.anchors is None and self.period == 2 and self.steps % 2:
             raise ConfigError(
                 f"a dit-ddim router needs an even number of steps, this one has {self.steps}: the original "
                 "alternates full and cache steps by parity and only has masks for even respaced indices"
@@ -215,8 +237,10 @@ class Router:
 
     def describe(self) -> str:
         """One line: kind and shape."""
-        extra = "" if self.period == 2 and self.forecast == "copy" else \
-            f", cache period {self.period}, {self.forecast} forecast" + (" (learned)" if self.coefs is not None else "")
+        placed = f"{len(self.anchors)} full steps at {','.join(map(str, self.anchors))}" if self.anchors else \
+            f"cache period {self.period}"
+        extra = "" if self.period == 2 and self.anchors is None and self.forecast == "copy" else \
+            f", {placed}, {self.forecast} forecast" + (" (learned)" if self.coefs is not None else "")
         return (f"{self.kind} router, {self.steps} rows x {self.num_units} sub-layers "
                 f"({self.num_blocks} blocks, {self.sampler_steps} {self._step_word()}{extra})")
 
@@ -319,9 +343,14 @@ def _load_project(path: str, tensors: Mapping[str, np.ndarray], kind: Optional[s
     if coefs is not None and (not isinstance(coefs, np.ndarray) or coefs.shape != (steps, units, 2)):
         raise CheckpointError(f"{path}: forecast_coefs has shape {getattr(coefs, 'shape', None)}, expected "
                               f"({steps}, {units}, 2)")
+    anchors = meta.get("anchors") or None
+    try:
+        anchors = None if anchors is None else tuple(int(v) for v in anchors.split(","))
+    except ValueError:
+        raise CheckpointError(f"{path}: router metadata anchors {anchors!r} is not a list of steps") from None
     try:
         return Router(prob=prob, kind=file_kind, threshold=thr, source=path, period=period,
-                      forecast=meta.get("forecast") or "copy", coefs=coefs)
+                      forecast=meta.get("forecast") or "copy", coefs=coefs, anchors=anchors)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -398,6 +427,7 @@ def save_router(router: Router, path) -> str:
         "threshold": "" if router.threshold is None else repr(float(router.threshold)),
         "period": str(router.period),
         "forecast": router.forecast,
+        "anchors": "" if router.anchors is None else ",".join(map(str, router.anchors)),
         "source": os.path.basename(router.source) if router.source else "",
     }
     tmp = path + ".tmp"
@@ -418,7 +448,7 @@ def torch_state_dict(router: Router) -> dict:
     """
     torch = require_torch()
 
-    if router.period != 2 or router.forecast != "copy":
+    if router.period != 2 or router.anchors is not None or router.forecast != "copy":
         raise ConfigError(f"the released PyTorch layout holds L2C's period-2 copy routers; this one has period "
                           f"{router.period} with {router.forecast} forecasts (keep it in the project's format)")
     rows = {f"{i}.prob": torch.from_numpy(np.array(router.prob[i], dtype=np.float32, copy=True))

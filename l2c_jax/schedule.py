@@ -18,6 +18,7 @@ single entry that turns what a caller gave (a method spec such as
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Tuple
 
 import numpy as np
@@ -112,6 +113,54 @@ def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name.strip(), (setting.strip() or None)
 
 
+class LayoutMismatch(ConfigError):
+    """An anchor layout that does not fit the step count (it is written for another)."""
+
+
+def anchor_layout(spec, steps: int) -> np.ndarray:
+    """(steps,) bool, sampling order: the anchors (evaluations that compute every unit and feed a forecast's
+    history) a layout spec places among `steps` sampler steps.
+
+    - N (an int, or "N"): every N-th step from the first (a cache period, FORA's interval);
+    - "warpC^P[@L]": C anchors at round(L (i / (C-1))^P), i = 0..C-1 (L: the last anchor, steps-1 by
+      default). P < 1 puts them closer together late in sampling, where each step changes the image most
+      (docs/learned_forecasts.md measures why);
+    - "s0,s1,...": these sampler steps (the first must be 0).
+    """
+    steps = int(steps)
+    text = str(spec).strip()
+    m = re.fullmatch(r"warp(\d+)\^([0-9.]+)(?:@(\d+))?", text)
+    try:
+        if m:
+            count, power = int(m[1]), float(m[2])
+            last = steps - 1 if m[3] is None else int(m[3])
+            if count < 2 or not 0 < power or last < 1:
+                raise ValueError
+            if last >= steps or count > last + 1:
+                raise LayoutMismatch(f"anchor layout {text!r} does not fit {steps} steps")
+            where = np.round(last * np.linspace(0.0, 1.0, count) ** power).astype(int)
+            if len(np.unique(where)) != count:
+                raise LayoutMismatch(f"anchor layout {text!r}: {count} anchors up to step {last} collide at power "
+                                  f"{power:g} (fewer anchors or a power nearer 1)")
+        elif "," in text:
+            where = np.asarray([int(v) for v in text.split(",") if v.strip()])
+        else:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            where = np.arange(0, steps, n)
+    except ValueError:
+        raise ConfigError(f"anchor layout {text!r}: expected N (every N-th step), warpC^P[@L] or a list "
+                          f"of sampler steps such as 0,4,9") from None
+    if len(where) == 0 or where[0] != 0 or (np.diff(where) <= 0).any():
+        raise ConfigError(f"anchor layout {text!r}: the anchors must rise from step 0")
+    if where[-1] >= steps:
+        raise LayoutMismatch(f"anchor layout {text!r}: step {where[-1]} does not fit {steps} steps")
+    out = np.zeros(steps, bool)
+    out[where] = True
+    return out
+
+
 def check_threshold(threshold) -> float:
     """A router threshold: a finite number in [0, 1] (sigmoid outputs are compared with it)."""
     return finite_number("router threshold", threshold, low=0.0, high=1.0)
@@ -146,7 +195,7 @@ def from_router(router, *, kind: str, num_units: int, rows: int, threshold=None,
     masks = router.masks(check_threshold(threshold))
     anchors = coefficients = None
     if kind == "dit-ddim":
-        anchors = np.arange(rows) % router.period == 0
+        anchors = router.anchor_rows()
     if router.coefs is not None:  # router rows are respaced indices: sampling order runs them backwards
         coefficients = router.coefs[[router._row_of_step(s) for s in range(masks.shape[0])]]
     return Schedule(masks=masks, forecast=router.forecast, anchors=anchors, method="l2c",

@@ -181,7 +181,7 @@ def test_router_current_version_loads(tmp_path):
     path = save_router(src, tmp_path / "r.safetensors")
     from safetensors import safe_open
     with safe_open(path, framework="numpy") as f:
-        assert f.metadata()["format_version"] == str(formats.ROUTER_VERSION) == "2"
+        assert f.metadata()["format_version"] == str(formats.ROUTER_VERSION) == "3"
     back = load_router(path)
     np.testing.assert_array_equal(back.prob, src.prob)
     assert back.kind == "dit-ddim" and back.threshold == 0.25
@@ -190,10 +190,16 @@ def test_router_current_version_loads(tmp_path):
     with safe_open(shipped, framework="numpy") as f:
         assert f.metadata()["format_version"] == "1"
     assert load_router(shipped).steps == 20 and load_router(shipped).coefs is None
+    assert load_router(shipped).anchors is None
+    # Version 2 (learned forecasts, periodic full steps) loads as it is too.
+    learned = os.path.join(ROOT, "assets", "digits", "router_ddim50_k4_taylor2_learned_l1x5.safetensors")
+    with safe_open(learned, framework="numpy") as f:
+        assert f.metadata()["format_version"] == "2"
+    assert load_router(learned).coefs is not None and load_router(learned).anchors is None
 
 
 @pytest.mark.parametrize("value, match", [
-    ("3", r"written by a newer l2c_jax \(router format 3, this reads up to 2\): upgrade l2c_jax"),
+    ("4", r"written by a newer l2c_jax \(router format 4, this reads up to 3\): upgrade l2c_jax"),
     ("abc", "router format_version 'abc' is not a positive integer"),
     ("1.0", "'1.0' is not a positive integer"),
     ("", "'' is not a positive integer"),
@@ -204,7 +210,7 @@ def test_router_bad_versions_refused(tmp_path, value, match):
     _rewrite_meta(path, format_version=value)
     msg = _refused(match, load_router, path)
     assert msg.startswith(path + ": ")
-    if value != "3":
+    if value != "4":
         assert "python convert/router.py --checkpoint ROUTER.pt --kind dit-ddim" in msg
 
 
@@ -220,7 +226,7 @@ def test_newer_router_with_another_layout_refused_by_version(tmp_path):
 
     path = str(tmp_path / "r.safetensors")
     save_file({"logits": np.zeros((2, 4, 6), np.float32)}, path,
-              metadata={"format": "l2c_jax.router", "format_version": "3", "kind": "dit-ddim"})
+              metadata={"format": "l2c_jax.router", "format_version": "4", "kind": "dit-ddim"})
     _refused("newer l2c_jax", load_router, path)
     save_file({"logits": np.zeros((2, 4, 6), np.float32)}, path,
               metadata={"format": "l2c_jax.router", "format_version": "1", "kind": "dit-ddim"})

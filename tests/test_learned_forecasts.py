@@ -12,7 +12,7 @@ import pytest
 from conftest import rel_err
 from l2c_jax.errors import CheckpointError, ConfigError
 from l2c_jax.router import Router, load_router, save_router
-from l2c_jax.schedule import from_router
+from l2c_jax.schedule import anchor_layout, from_router
 from l2c_jax.training.objectives import taylor_coefs
 
 FAMILY = "dit"
@@ -28,15 +28,17 @@ def digits():
     return load_model(asset("digits", "dit")), jax.random.normal(jax.random.key(0), (4, 8, 8, 1)), jnp.arange(4)
 
 
-def _router(units, steps, period, order, learned, seed=0):
+def _router(units, steps, period, order, learned, seed=0, anchors=None):
     rng = np.random.default_rng(seed)
     prob = rng.normal(0.0, 2.0, size=(steps, units)).astype(np.float32)
     coefs = None
     if learned is not None:
-        coefs = taylor_coefs(steps, units, period)
+        coefs = taylor_coefs(steps, units, period, None if anchors is None else anchor_layout(anchors, steps))
         if learned:  # moved away from Taylor's, differently per row and unit
             coefs = coefs + rng.normal(0.0, 0.4, size=coefs.shape).astype(np.float32)
-    return Router(prob, "dit-ddim", threshold=0.5, period=period, forecast=f"taylor{order}", coefs=coefs)
+    placed = None if anchors is None else tuple(np.flatnonzero(anchor_layout(anchors, steps)).tolist())
+    return Router(prob, "dit-ddim", threshold=0.5, period=period, forecast=f"taylor{order}", coefs=coefs,
+                  anchors=placed)
 
 
 def test_taylor_coefficients_are_the_forecasters_own_step():
@@ -163,3 +165,101 @@ def test_a_router_learns_its_forecast_and_samples_with_it(tmp_path, digits):
     copies.router.learn_forecast = True
     with pytest.raises(ConfigError, match="learn_forecast"):  # nothing to learn where reused units are copied
         dit_objective(digits[0], copies)
+
+
+# --------------------------------------------------------------------------- placed anchors
+
+
+def test_anchor_layouts_place_the_full_steps_and_refuse_bad_specs():
+    np.testing.assert_array_equal(np.flatnonzero(anchor_layout("4", 10)), [0, 4, 8])
+    np.testing.assert_array_equal(np.flatnonzero(anchor_layout("warp13^0.7@47", 50)),
+                                  [0, 8, 13, 18, 22, 25, 29, 32, 35, 38, 41, 44, 47])
+    np.testing.assert_array_equal(np.flatnonzero(anchor_layout("warp3^1", 5)), [0, 2, 4])
+    np.testing.assert_array_equal(np.flatnonzero(anchor_layout("0,3,4", 6)), [0, 3, 4])
+    for bad in ("warp13^0.1@12", "warp1^1", "warp3^1@9", "1,3", "0,3,3", "0,8", "0", "x", "-2"):
+        with pytest.raises(ConfigError, match="anchor layout"):
+            anchor_layout(bad, 8)
+
+
+def test_placed_anchors_travel_in_the_router_file_and_do_not_retarget(tmp_path):
+    r = _router(6, 12, 2, 2, True, anchors="0,5,8,10")
+    assert r.cache_steps() == [1, 2, 3, 4, 6, 7, 9, 11] and "4 full steps at 0,5,8,10" in r.describe()
+    back = load_router(save_router(r, str(tmp_path / "r.safetensors")))
+    assert back.anchors == (0, 5, 8, 10)
+    np.testing.assert_array_equal(back.masks(), r.masks())
+    s = from_router(back, kind="dit-ddim", num_units=6, rows=12)
+    np.testing.assert_array_equal(np.flatnonzero(s.anchors), [0, 5, 8, 10])
+    assert s.masks[[0, 5, 8, 10]].all()
+    from l2c_jax.retarget import retarget
+    with pytest.raises(ConfigError, match="placed anchors do not retarget"):
+        retarget(r, 20)
+    for bad in ((1, 4), (0, 4, 4), (0, 12), tuple(range(12))):
+        with pytest.raises(ConfigError, match="router anchors"):
+            Router(r.prob, "dit-ddim", anchors=bad)
+    with pytest.raises(ConfigError, match="only dit-ddim"):
+        Router(np.zeros((10, 6), np.float32), "uvit-dpm2", anchors=(0, 3))
+
+
+def test_a_periodic_layout_placed_gives_the_periods_loss(digits):
+    """The placed-anchors roll (conditionals, spacings from tables) on anchors every 3rd step is the period-3
+    loss, value and gradient."""
+    from l2c_jax.diffusion import create_diffusion
+    from l2c_jax.training.losses import dit_router_loss
+
+    model, noise, y = digits
+    steps = 10
+    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+    r = _router(model.num_units, steps, 3, 2, True, seed=4)
+    x0 = jax.random.normal(jax.random.key(1), noise.shape)
+    prob, coefs = jnp.asarray(r.prob), jnp.asarray(r.coefs)
+
+    def loss(prob, t_index, **kw):
+        batch = dict(x0=x0, y=y, noise=noise, t_index=t_index)
+        return dit_router_loss(prob, model.params, batch, model=model, diffusion=diffusion, l1_weight=1e-3,
+                               forecast="taylor2", coefs=coefs, **kw)[0]
+
+    period = jax.jit(jax.value_and_grad(functools.partial(loss, period=3)))
+    placed = jax.jit(jax.value_and_grad(functools.partial(loss, anchors=anchor_layout("3", steps))))
+    for t_index in (9, 3):  # sampler steps 0 and 6 (d1 and d2 known)
+        want, gwant = period(prob, jnp.int32(t_index))
+        got, ggot = placed(prob, jnp.int32(t_index))
+        assert rel_err(got, want) < 1e-6 and rel_err(ggot, gwant) < 1e-5
+
+
+def test_the_router_loss_forecasts_over_placed_anchors_as_the_sampler_does(digits):
+    """Anchors placed unevenly (stretches of 4, 1, 3, 2 and 2 steps): the loss's roll from each anchor, given
+    the sampler's states, reproduces the sampler's next states, with learned coefficients and d2 spaced by
+    the anchors' own gaps; draws fall only on anchors followed by a cache step."""
+    from l2c_jax.diffusion import create_diffusion
+    from l2c_jax.sampling import DiTSampler
+    from l2c_jax.training.losses import dit_period_roll, dit_random_batch
+
+    steps, spec = 12, "0,4,5,8,10"
+    model, noise, y = digits
+    placed = anchor_layout(spec, steps)
+    router = _router(model.num_units, steps, 2, 2, True, seed=3, anchors=spec)
+    sched = from_router(router, kind="dit-ddim", num_units=model.num_units, rows=steps)
+    states = []
+    out = DiTSampler(model, steps)(noise, y, sched, on_state=lambda s, x: states.append(np.asarray(x)))
+    states = np.stack(states + [np.asarray(out)], 1)
+    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+    prob = jnp.asarray(np.where(sched.masks[::-1], 30.0, -30.0), jnp.float32)
+    roll = jax.jit(functools.partial(dit_period_roll, model=model, diffusion=diffusion, ste_threshold=0.5,
+                                     forecast="taylor2", with_target=False, anchors=placed))
+    checked = 0
+    for start in (0, 5, 8, 10):  # 4 has no cache step after it
+        batch = dict(x0=jnp.zeros_like(noise), y=y, noise=noise, t_index=jnp.int32(steps - 1 - start),
+                     states=jnp.asarray(states[:, :steps]))
+        rolled = roll(prob, model.params, batch, coefs=jnp.asarray(router.coefs))
+        assert len(rolled) == 3  # the longest stretch (0..3) sets the roll
+        for j, r in enumerate(rolled, start=1):
+            if not placed[start + 1:start + j + 1].any() and start + j < steps:
+                assert float(r["valid"]) == 1.0
+                assert rel_err(r["x_next"], states[:, start + j + 1]) < 1e-5, (start, j)
+                checked += 1
+            else:
+                assert float(r["valid"]) == 0.0
+    assert checked == steps - placed.sum()
+    drawn = {int(dit_random_batch(jax.random.key(k), noise, y, steps=steps, null_class=10, anchors=placed)
+                 ["t_index"]) for k in range(60)}
+    assert drawn == {steps - 1 - s for s in (0, 5, 8, 10)}

@@ -18,7 +18,8 @@ from l2c_jax.resources import asset
 
 VARIANTS = ("", "quick")
 PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2", "k4_taylor2_learned_l1x5",
-                  "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5")
+                  "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5",
+                  "warp13_taylor2_learned", "warp10_taylor2_learned")
 IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 
@@ -55,7 +56,8 @@ def get_config(arg=None):
         error_ranked=("l2c", 0.5, 0.35),
         random=(0, 1),
         fewer_steps=(0.35, 0.5, 0.7),
-        taylorseer=("2/1", "2/2", "3/2", "4/2", "6/2", "l2c/2"),
+        # warp...: full steps placed as the placed-anchor routers' (training-free, the same layouts).
+        taylorseer=("2/1", "2/2", "3/2", "4/2", "6/2", "l2c/2", "warp13^0.6@48/2", "warp10^0.6@46/2"),
     ))
     # Every forecasting schedule again with its history (d1, d2) in these dtypes (the cache stays float32).
     c.history_dtypes = ("bfloat16",)

@@ -48,7 +48,8 @@ def router_weights(prob_row, ste_threshold: Optional[float] = None):
 
 
 def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
-                    ste_threshold: Optional[float] = None, period: int = 2, forecast: str = "copy", coefs=None):
+                    ste_threshold: Optional[float] = None, period: int = 2, forecast: str = "copy", coefs=None,
+                    anchors=None):
     """Returns (loss, aux). batch: x0 (B,H,W,C) latents, y (B,) labels already dropped
     to the null class where needed, noise (B,H,W,C), t_index () the respaced index of a full step.
 
@@ -66,12 +67,16 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     coefs: (steps, units, 2) learned forecast coefficients (a router's `coefs`, differentiated with prob when
     trained): each cache step advances a unit by coefs[row, u] . (d1, d2) rather than by Taylor's step.
 
+    anchors: (steps,) bool in sampling order, the full steps when they are placed rather than every
+    period-th (`l2c_jax.schedule.anchor_layout`; `period` is then unused): the stretch from t_index to the
+    next anchor is rolled, its derivative terms from the anchors before it, spaced as they are.
+
     Image-free (batch["states"], (B, steps, H, W, C) full-sampler states in sampling
     order, `l2c_jax.training.trajectories`): every state the loss would noise x0 to
     is the recorded one instead, the sampler's own state at that step.
     """
     rolled = dit_period_roll(prob, params, batch, model=model, diffusion=diffusion, ste_threshold=ste_threshold,
-                             period=period, forecast=forecast, coefs=coefs)
+                             period=period, forecast=forecast, coefs=coefs, anchors=anchors)
     sg = jax.lax.stop_gradient
     data, l1s, mses, count = 0.0, 0.0, 0.0, 0.0
     for r in rolled:
@@ -84,12 +89,31 @@ def dit_router_loss(prob, params, batch, *, model, diffusion, l1_weight: float,
     return loss, dict(data_loss=data_loss, l1=l1, mse=mse)
 
 
+def anchor_tables(steps: int, period: int = 2, anchors=None) -> dict:
+    """Per sampler step s (sampling order), for an anchor: gap (steps to the next anchor, or to the end),
+    prev1 / prev2 (the one and two anchors before it; -1: none). Also G, the longest gap, and `placed`
+    (the anchors were given, not every period-th). Numpy, static."""
+    placed = anchors is not None
+    a = np.asarray(anchors, bool) if placed else np.arange(steps) % period == 0
+    where = np.flatnonzero(a)
+    gap, prev1, prev2 = np.zeros(steps, np.int32), np.full(steps, -1, np.int32), np.full(steps, -1, np.int32)
+    gap[where] = np.diff(np.append(where, steps))
+    prev1[where[1:]] = where[:-1]
+    prev2[where[2:]] = where[:-2]
+    return dict(anchors=a, gap=gap, prev1=prev1, prev2=prev2, G=int(gap.max()) if placed else int(period),
+                placed=placed)
+
+
 def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Optional[float] = None,
-                    period: int = 2, forecast: str = "copy", with_target: bool = True, coefs=None) -> list:
+                    period: int = 2, forecast: str = "copy", with_target: bool = True, coefs=None,
+                    anchors=None) -> list:
     """The period `dit_router_loss` trains, rolled as the sampler would run it: per cache step j = 1..period-1,
     a dict of the state it starts from (x), the router's (interpolated) model output (pred), the full model's
     (target, when `with_target`), the router's scores, the state it leads to (x_next) and whether the step
-    lies within sampling (valid). With hard router weights these are the sampler's own states and outputs."""
+    lies within sampling (valid). With hard router weights these are the sampler's own states and outputs.
+
+    With placed `anchors` the roll runs to the longest stretch; steps past the drawn stretch are not
+    evaluated (a conditional) and count as invalid."""
     x0, y, noise, t_index = batch["x0"], batch["y"], batch["noise"], batch["t_index"]
     states = batch.get("states")
     b = x0.shape[0]
@@ -97,6 +121,7 @@ def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Opt
     tmap = jnp.asarray(diffusion.timestep_map, jnp.int32)
     order = forecast_order(forecast)
     sg = jax.lax.stop_gradient
+    tab = anchor_tables(steps, period, anchors)
 
     def t_of(i):
         return jnp.broadcast_to(tmap[i], (b,))
@@ -112,31 +137,37 @@ def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Opt
     x = sg(diffusion.ddim_step(out, x_t, t_index))
     cache = sg(cache)
 
-    # A forecast's derivative terms, from the full computes at the previous period starts (the anchors; absent
-    # before the first step of sampling: that term is not known and counts 0), oldest first.
+    # A forecast's derivative terms, from the full computes at the previous anchors (absent before the first
+    # step of sampling: that term is not known and counts 0), oldest first, spaced as the anchors are.
+    s0 = steps - 1 - t_index
     d1 = d2 = None
     if order:
+        prev = [jnp.asarray(tab["prev1"])[s0], jnp.asarray(tab["prev2"])[s0]][:order]
         values, known = [cache], []
-        for m in range(1, order + 1):
-            i = t_index + m * period
-            ic = jnp.minimum(i, steps - 1)
+        for p in prev:
+            ic = steps - 1 - jnp.maximum(p, 0)
             _, c = model.apply(params, state_at(ic), t_of(ic), y)
             values.append(sg(c))
-            known.append(i <= steps - 1)
-        dt = float(period)
+            known.append(p >= 0)
+        # Spacings; where an anchor is unknown its term is 0 whatever the spacing (1 avoids dividing by 0).
+        dts = [jnp.where(known[0], s0 - prev[0], 1).astype(jnp.float32)]
+        if order == 2:
+            dts.append(jnp.where(known[1], prev[0] - prev[1], 1).astype(jnp.float32))
+        if not tab["placed"]:  # every period-th: the spacing is the period (as Python floats, as before)
+            dts = [float(period)] * order
         if order == 1:
-            d1 = [derive(v0, v1, None, dt, known[0], None)[0] for v0, v1 in zip(values[0], values[1])]
+            d1 = [derive(v0, v1, None, dts[0], known[0], None)[0] for v0, v1 in zip(values[0], values[1])]
         else:
-            d1_prev = [derive(v1, v2, None, dt, known[1], None)[0] for v1, v2 in zip(values[1], values[2])]
-            d1, d2 = zip(*[derive(v0, v1, dp, dt, known[0], known[0] & known[1])
+            d1_prev = [derive(v1, v2, None, dts[1], known[1], None)[0] for v1, v2 in zip(values[1], values[2])]
+            d1, d2 = zip(*[derive(v0, v1, dp, dts[0], known[0], known[0] & known[1])
                            for v0, v1, dp in zip(values[0], values[1], d1_prev)])
 
+    gap = jnp.asarray(tab["gap"])[s0]
     rolled = []
-    for j in range(1, period):
+    for j in range(1, tab["G"]):
         i = t_index - j
-        valid = (i >= 0).astype(jnp.float32)
+        valid = ((j < gap) if tab["placed"] else (i >= 0)).astype(jnp.float32)
         ic = jnp.maximum(i, 0)
-        target = model.apply(params, x, t_of(ic), y)[0] if with_target else None
         weights, scores = router_weights(prob[ic], ste_threshold)
         cache_in = cache
         if order:  # each unit's latest value, advanced along its polynomial by one step (or as learned)
@@ -145,20 +176,41 @@ def dit_period_roll(prob, params, batch, *, model, diffusion, ste_threshold: Opt
 
             cache_in = tuple(forecast_entry(c, d1[u], None if d2 is None else d2[u], *step(u))
                              for u, c in enumerate(cache))
-        pred, new_cache = model.apply(params, x, t_of(ic), y, cache=cache_in, beta=weights)
+
+        def evaluate(x, cache_in, weights, ic=ic, cache=cache):
+            target = model.apply(params, x, t_of(ic), y)[0] if with_target else None
+            pred, new_cache = model.apply(params, x, t_of(ic), y, cache=cache_in, beta=weights)
+            return target, pred, new_cache
+
+        if tab["placed"]:  # past the drawn stretch: nothing to evaluate (zeros; every later step is past it too)
+            shapes = jax.eval_shape(evaluate, x, cache_in, weights)
+
+            def skip(*_, shapes=shapes):
+                return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+            target, pred, new_cache = jax.lax.cond(valid > 0, evaluate, skip, x, cache_in, weights)
+        else:
+            target, pred, new_cache = evaluate(x, cache_in, weights)
         x_next = sg(diffusion.ddim_step(pred, x, ic))
         rolled.append(dict(x=x, pred=pred, target=target, scores=scores, x_next=x_next, valid=valid))
         x, cache = x_next, sg(new_cache)  # roll on: the state and the cache the sampler would carry
     return rolled
 
 
-def dit_random_batch(key, x0, y, *, steps: int, null_class: int, label_dropout: float = 0.1, period: int = 2):
+def dit_random_batch(key, x0, y, *, steps: int, null_class: int, label_dropout: float = 0.1, period: int = 2,
+                     anchors=None):
     """The original's random draws for one DiT loss: a random full step for the whole batch
     (one of the period starts that has a cache step after it; period 2: a random odd respaced
-    index, as the original), Gaussian noise, and label dropout to the null class."""
+    index, as the original; placed `anchors`: one of them with a cache step after it), Gaussian noise,
+    and label dropout to the null class."""
     k_t, k_noise, k_drop = jax.random.split(key, 3)
-    starts = -(-(steps - 1) // period)  # period starts (sampling order 0, period, ...) followed by a cache step
-    t_index = (steps - 1) - period * (starts - 1 - jax.random.randint(k_t, (), 0, starts))
+    if anchors is None:
+        starts = -(-(steps - 1) // period)  # period starts (sampling order 0, period, ...) followed by a cache step
+        t_index = (steps - 1) - period * (starts - 1 - jax.random.randint(k_t, (), 0, starts))
+    else:
+        a = np.asarray(anchors, bool)
+        starts = np.flatnonzero(a & ~np.append(a[1:], True))
+        t_index = (steps - 1) - jnp.asarray(starts, jnp.int32)[jax.random.randint(k_t, (), 0, len(starts))]
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     drop = jax.random.uniform(k_drop, y.shape) < label_dropout
     return dict(x0=x0, y=jnp.where(drop, null_class, y), noise=noise, t_index=t_index.astype(jnp.int32))

@@ -24,6 +24,7 @@ import numpy as np
 from l2c_jax.diffusion import create_diffusion
 from l2c_jax.errors import ConfigError
 from l2c_jax.router import Router
+from l2c_jax.schedule import anchor_layout
 from l2c_jax.sampling.forecast import check_forecast, shift_coefficients
 from l2c_jax.training.losses import (UViTLossSchedule, dit_random_batch, dit_router_loss, uvit_random_batch,
                                      uvit_router_loss)
@@ -48,11 +49,13 @@ class RouterObjective:
     forecast: str = "copy"   # how a reused unit's value is formed in training and sampling
     # Learned forecasts: the coefficients they start from, (rows, units, 2), Taylor's own (None: not learned).
     initial_coefs: Optional[np.ndarray] = None
+    anchors: Optional[tuple] = None  # placed full steps (sampler steps), when not every period-th
 
     def router(self, prob, threshold=None, source=None, coefs=None) -> Router:
-        """A `Router` of this objective's kind, period and forecast (and learned coefficients)."""
+        """A `Router` of this objective's kind, period, anchors and forecast (and learned coefficients)."""
         return Router(np.asarray(prob), self.kind, threshold=threshold, source=source, period=self.period,
-                      forecast=self.forecast, coefs=None if coefs is None else np.asarray(coefs))
+                      forecast=self.forecast, coefs=None if coefs is None else np.asarray(coefs),
+                      anchors=self.anchors)
 
 
 def _common(config) -> tuple[float, Optional[float], float]:
@@ -62,14 +65,21 @@ def _common(config) -> tuple[float, Optional[float], float]:
 
 def dit_objective(model, config) -> RouterObjective:
     """DDIM on the DiT's diffusion respaced to `sampler.steps`, in cache periods of `router.period` steps
-    (2: full and cache steps alternate, the original; even step counts only, as the original)."""
+    (2: full and cache steps alternate, the original; even step counts only, as the original), or with the
+    full steps `router.anchors` places (a layout spec, `l2c_jax.schedule.anchor_layout`)."""
     steps = int(config.sampler.steps)
     rc = config.get("router") or {}
     period, forecast = int(rc.get("period", 2) or 2), check_forecast(rc.get("forecast") or "copy")
-    if period < 2 or period > steps:
+    anchors = None
+    if rc.get("anchors"):
+        anchors = anchor_layout(rc.anchors, steps)
+        if anchors.all():
+            raise ConfigError(f"router.anchors {rc.anchors!r} leaves no cache step among {steps} steps")
+        period = 2  # unused with placed anchors; recorded as the default
+    elif period < 2 or period > steps:
         raise ConfigError(f"router.period must lie in [2, {steps}] (a full step and at least one cache step), "
                           f"got {period}")
-    if period == 2 and steps % 2:
+    if anchors is None and period == 2 and steps % 2:
         raise ConfigError(f"sampler.steps must be even for DiT caching (full and cache steps alternate), "
                           f"got {steps}")
     l1, ste, dropout = _common(config)
@@ -82,20 +92,25 @@ def dit_objective(model, config) -> RouterObjective:
                           "taylor1 or taylor2")
     diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
     loss = functools.partial(dit_router_loss, model=model, diffusion=diffusion, l1_weight=l1, ste_threshold=ste,
-                             period=period, forecast=forecast)
+                             period=period, forecast=forecast, anchors=anchors)
     draw = functools.partial(dit_random_batch, steps=diffusion.num_timesteps, null_class=model.config.null_class,
-                             label_dropout=dropout, period=period)
-    heat_rows = np.asarray([steps - 1 - s for s in range(steps) if s % period])
-    coefs = taylor_coefs(steps, model.num_units, period) if learn else None
-    return RouterObjective("dit-ddim", steps, heat_rows, diffusion, loss, draw, period, forecast, coefs)
+                             label_dropout=dropout, period=period, anchors=anchors)
+    full = anchors if anchors is not None else np.arange(steps) % period == 0
+    heat_rows = np.asarray([steps - 1 - s for s in np.flatnonzero(~full)])
+    coefs = taylor_coefs(steps, model.num_units, period, anchors) if learn else None
+    placed = None if anchors is None else tuple(int(s) for s in np.flatnonzero(anchors))
+    return RouterObjective("dit-ddim", steps, heat_rows, diffusion, loss, draw, period, forecast, coefs, placed)
 
 
-def taylor_coefs(steps: int, num_units: int, period: int) -> np.ndarray:
+def taylor_coefs(steps: int, num_units: int, period: int = 2, anchors=None) -> np.ndarray:
     """(steps, units, 2) the coefficients of d1 and d2 Taylor's forecast advances a reused unit by, per router
-    row (a respaced index: row steps-1-s is sampler step s, j = s % period steps after its period start)."""
+    row (a respaced index: row steps-1-s is sampler step s, j steps after the last anchor: s % period, or
+    counted from the placed `anchors`)."""
+    full = np.asarray(anchors, bool) if anchors is not None else np.arange(steps) % period == 0
+    last = np.maximum.accumulate(np.where(full, np.arange(steps), 0))
     out = np.zeros((steps, num_units, 2), np.float32)
     for s in range(steps):
-        j = s % period
+        j = s - last[s]
         if j:
             out[steps - 1 - s] = shift_coefficients(j - 1, j)
     return out
