@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax.errors import ConfigError
-from l2c_jax.schedule import LayoutMismatch
 
 
 class MissingRouter(ConfigError):
@@ -56,6 +55,17 @@ def _settings(config) -> list:
             continue
         values = values if isinstance(values, (tuple, list)) else (values,)
         out.extend((name, v) for v in values)
+    return out
+
+
+def _settings_at(config, steps: int) -> list:
+    """`_settings` that run at `steps`: a knob written "ddimN:KNOB" runs at N steps only (as KNOB)."""
+    out = []
+    for name, setting in _settings(config):
+        only_at = re.fullmatch(r"ddim(\d+):(.+)", str(setting))
+        if only_at and int(only_at[1]) != steps:
+            continue
+        out.append((name, only_at[2] if only_at else setting))
     return out
 
 
@@ -218,13 +228,11 @@ def _run_methods(config, workdir, report) -> list:
     for steps in [int(s) for s in config.steps]:
         ctx = h.begin(steps)
         todo = []
-        for name, setting in _settings(config):
+        for name, setting in _settings_at(config, steps):
             if name == "fewer_steps":
                 setting = _fewer(setting, steps)
             try:
                 todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32", {}))
-            except LayoutMismatch as e:  # full steps placed for another step count (a warp layout's last step)
-                report(f"  {name} {setting}: skipped at DDIM {steps} ({e})")
             except MissingRouter as e:  # a router named for some step counts only (e.g. a longer period at 50)
                 if name != "l2c" or not str(setting).strip("-"):
                     raise

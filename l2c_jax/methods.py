@@ -72,13 +72,14 @@ class Context:
         return int((~np.asarray(self.l2c_masks(None), bool)).sum())
 
 
-def _schedule(ctx, method, setting, masks=None, forecast="copy", steps=None, anchors=None) -> Schedule:
+def _schedule(ctx, method, setting, masks=None, forecast="copy", steps=None, anchors=None,
+              coefficients=None) -> Schedule:
     steps = ctx.steps if steps is None else int(steps)
     if masks is not None:
         masks = np.asarray(masks, bool).copy()
         masks[0] = True  # the first step fills the cache
     return Schedule(masks=masks, forecast=forecast, anchors=anchors, method=method, setting=str(setting),
-                    steps=steps, reference_steps=ctx.steps, num_units=ctx.num_units)
+                    steps=steps, reference_steps=ctx.steps, num_units=ctx.num_units, coefficients=coefficients)
 
 
 def _blocks(ctx, blocks) -> np.ndarray:
@@ -102,7 +103,9 @@ def l2c(ctx, setting=None) -> Schedule:
     except ValueError:
         name = "" if name == "-" else name
     routed = ctx.router_schedule(name, float(thr) if thr else None)
-    return _schedule(ctx, "l2c", setting, routed.masks, forecast=routed.forecast, anchors=routed.anchors)
+    # Everything the router says: its masks, forecast, anchors and learned forecast coefficients.
+    return _schedule(ctx, "l2c", setting, routed.masks, forecast=routed.forecast, anchors=routed.anchors,
+                     coefficients=routed.coefficients)
 
 
 def _every(ctx, n: int) -> np.ndarray:

@@ -113,10 +113,6 @@ def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name.strip(), (setting.strip() or None)
 
 
-class LayoutMismatch(ConfigError):
-    """An anchor layout that does not fit the step count (it is written for another)."""
-
-
 def anchor_layout(spec, steps: int) -> np.ndarray:
     """(steps,) bool, sampling order: the anchors (evaluations that compute every unit and feed a forecast's
     history) a layout spec places among `steps` sampler steps.
@@ -137,10 +133,10 @@ def anchor_layout(spec, steps: int) -> np.ndarray:
             if count < 2 or not 0 < power or last < 1:
                 raise ValueError
             if last >= steps or count > last + 1:
-                raise LayoutMismatch(f"anchor layout {text!r} does not fit {steps} steps")
+                raise ConfigError(f"anchor layout {text!r} does not fit {steps} steps")
             where = np.round(last * np.linspace(0.0, 1.0, count) ** power).astype(int)
             if len(np.unique(where)) != count:
-                raise LayoutMismatch(f"anchor layout {text!r}: {count} anchors up to step {last} collide at power "
+                raise ConfigError(f"anchor layout {text!r}: {count} anchors up to step {last} collide at power "
                                   f"{power:g} (fewer anchors or a power nearer 1)")
         elif "," in text:
             where = np.asarray([int(v) for v in text.split(",") if v.strip()])
@@ -155,7 +151,7 @@ def anchor_layout(spec, steps: int) -> np.ndarray:
     if len(where) == 0 or where[0] != 0 or (np.diff(where) <= 0).any():
         raise ConfigError(f"anchor layout {text!r}: the anchors must rise from step 0")
     if where[-1] >= steps:
-        raise LayoutMismatch(f"anchor layout {text!r}: step {where[-1]} does not fit {steps} steps")
+        raise ConfigError(f"anchor layout {text!r}: step {where[-1]} does not fit {steps} steps")
     out = np.zeros(steps, bool)
     out[where] = True
     return out

@@ -143,18 +143,24 @@ def test_the_router_loss_forecasts_with_learned_coefficients_as_the_sampler_does
 
 @pytest.mark.slow
 def test_a_router_learns_its_forecast_and_samples_with_it(tmp_path, digits):
-    """docs/learned_forecasts.md's two commands as written (tests/docs_blocks.py), short: the coefficients of
-    the cache rows move from Taylor's (those of full steps never enter a loss), and the router samples."""
+    """docs/learned_forecasts.md's three commands as written (tests/docs_blocks.py), short: TaylorSeer samples on
+    a placed layout; a router trains on it, the coefficients of its cache rows move from Taylor's (those of
+    full steps never enter a loss), and it samples."""
     import json
 
     from docs_blocks import run_block
     run_block("learned", tmp_path, append={
-        1: "--config.train.steps=4 --config.train.batch_size=8 --config.train.log_every=2 "
+        1: "--config.num_samples=8 --config.batch_size=8",
+        2: "--config.train.steps=4 --config.train.batch_size=8 --config.train.log_every=2 "
            "--config.train.checkpoint_every=4",
-        2: "--config.num_samples=8 --config.batch_size=8 --config.strategy=cond"})  # one graph for 50 steps
-    router = load_router(str(tmp_path / "runs" / "k4t2l"))
-    assert (router.period, router.forecast) == (4, "taylor2") and router.coefs is not None
-    moved = np.flatnonzero(np.abs(router.coefs - taylor_coefs(50, router.num_units, 4)).max((1, 2)) > 0)
+        3: "--config.num_samples=8 --config.batch_size=8 --config.strategy=cond"})  # one graph for 50 steps
+    placed = json.load(open(tmp_path / "out" / "digits_ddim50" / "report.json"))
+    assert placed["num_images"] == 8 and placed["forecast"] == "taylor2"
+    router = load_router(str(tmp_path / "runs" / "w13"))
+    assert router.forecast == "taylor2" and router.coefs is not None
+    assert router.anchors == tuple(np.flatnonzero(anchor_layout("warp13^0.6@48", 50)).tolist())
+    start = taylor_coefs(50, router.num_units, anchors=anchor_layout("warp13^0.6@48", 50))
+    moved = np.flatnonzero(np.abs(router.coefs - start).max((1, 2)) > 0)
     assert len(moved) > 0 and set(moved.tolist()) <= set(router.cache_rows())
     report = json.load(open(tmp_path / "out" / "digits_ddim50_l2c" / "report.json"))
     assert report["num_images"] == 8 and report["forecast"] == "taylor2"

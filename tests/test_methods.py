@@ -141,3 +141,32 @@ def test_compare_methods_writes_the_table_and_the_picture(tmp_path):
     assert half["computed_share"] == 0.5 and half["flop_bound"] == pytest.approx(2.0)
     for row in rows:  # the paired gap is the per-seed difference to full, averaged
         assert row["fid_gap_mean"] == pytest.approx(np.mean(np.subtract(row["fid_seeds"], full["fid_seeds"])))
+
+
+def test_the_l2c_row_samples_everything_the_router_holds():
+    """A router with placed anchors and learned forecast coefficients becomes the l2c row with all of them (the
+    harness once dropped the coefficients, sampling Taylor's instead), and a "ddimN:" knob runs at N only."""
+    from l2c_jax.router import Router
+    from l2c_jax.schedule import anchor_layout, from_router
+
+    rng = np.random.default_rng(0)
+    anchors = tuple(np.flatnonzero(anchor_layout("warp7^0.6@17", 20)).tolist())
+    router = Router(rng.normal(size=(20, 24)).astype(np.float32), "dit-ddim", threshold=0.5, forecast="taylor2",
+                    coefs=rng.normal(size=(20, 24, 2)).astype(np.float32), anchors=anchors)
+    own = from_router(router, kind="dit-ddim", num_units=router.num_units, rows=20)
+    ctx = Context(num_units=router.num_units, steps=20, changes=lambda: None,
+                  router_schedule=lambda name, thr: own)
+    row = make_schedule(ctx, "l2c")
+    assert row.key() == own.key() and row.coefficients is not None
+    np.testing.assert_array_equal(row.coefficients, own.coefficients)
+    np.testing.assert_array_equal(np.flatnonzero(row.anchor_rows()), router.anchors)
+    placed = make_schedule(ctx, "taylorseer", "warp7^0.6@17/2")
+    np.testing.assert_array_equal(np.flatnonzero(placed.anchor_rows()), router.anchors)
+    assert placed.computed_share == pytest.approx(7 / 20) and placed.coefficients is None
+
+    from l2c_jax.compare_methods import _settings_at
+    from l2c_jax.configs.methods_digits import get_config
+    config = get_config()
+    config.only = "taylorseer"
+    assert ("taylorseer", "warp7^0.6@17/2") in _settings_at(config, 20)
+    assert not [s for _, s in _settings_at(config, 50) if "warp7" in s]

@@ -7,7 +7,8 @@ Each method of `methods` runs every listed knob (`l2c_jax.methods`): FORA's
 and DeepCache's interval N, Delta-DiT's cached blocks b, SmoothCache's alpha,
 fewer_steps' share of the steps, TaylorSeer's "N/order" (or "l2c/order"),
 L2C's threshold ("-": the router's own) or another router of the step count
-(`config.routers` ddimN_NAME: longer periods, image-free, retargeted).
+(`config.routers` ddimN_NAME: longer periods, image-free, retargeted). A knob
+written "ddimN:KNOB" runs at N steps only (a layout of full steps placed for N).
 """
 
 import ml_collections
@@ -18,8 +19,7 @@ from l2c_jax.resources import asset
 
 VARIANTS = ("", "quick")
 PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2", "k4_taylor2_learned_l1x5",
-                  "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5",
-                  "warp13_taylor2_learned", "warp10_taylor2_learned")
+                  "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5")
 IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 
@@ -56,8 +56,10 @@ def get_config(arg=None):
         error_ranked=("l2c", 0.5, 0.35),
         random=(0, 1),
         fewer_steps=(0.35, 0.5, 0.7),
-        # warp...: full steps placed as the placed-anchor routers' (training-free, the same layouts).
-        taylorseer=("2/1", "2/2", "3/2", "4/2", "6/2", "l2c/2", "warp13^0.6@48/2", "warp10^0.6@46/2"),
+        # warp...: full steps placed sparse early, dense late (docs/learned_forecasts.md); a "ddimN:" setting
+        # runs at N steps only.
+        taylorseer=("2/1", "2/2", "3/2", "4/2", "6/2", "l2c/2", "ddim50:warp13^0.6@48/2", "ddim50:warp10^0.6@46/2",
+                    "ddim20:warp7^0.6@17/2"),
     ))
     # Every forecasting schedule again with its history (d1, d2) in these dtypes (the cache stays float32).
     c.history_dtypes = ("bfloat16",)
