@@ -41,6 +41,21 @@ def _router(units, steps, period, order, learned, seed=0, anchors=None):
                   anchors=placed)
 
 
+def _sampled(router, steps, model, noise, y):
+    """The router's schedule, the sampler's states on it (B, steps + 1, ...), the diffusion, and router logits
+    whose hard weights are the schedule's masks (what the loss's roll needs to replay the sampler)."""
+    from l2c_jax.diffusion import create_diffusion
+    from l2c_jax.sampling import DiTSampler
+
+    sched = from_router(router, kind="dit-ddim", num_units=model.num_units, rows=steps)
+    states = []
+    out = DiTSampler(model, steps)(noise, y, sched, on_state=lambda s, x: states.append(np.asarray(x)))
+    states = np.stack(states + [np.asarray(out)], 1)
+    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
+    prob = jnp.asarray(np.where(sched.masks[::-1], 30.0, -30.0), jnp.float32)
+    return sched, states, diffusion, prob
+
+
 def test_taylor_coefficients_are_the_forecasters_own_step():
     c = taylor_coefs(9, 2, 4)  # row 8 is step 0 (a period start), row 7 step 1, ...
     np.testing.assert_array_equal(c[8], 0.0)
@@ -100,19 +115,12 @@ def test_taylors_coefficients_sample_exactly_as_taylorseer(digits):
 def test_the_router_loss_forecasts_with_learned_coefficients_as_the_sampler_does(digits, period, order):
     """The loss's rolled period (hard router weights), given the sampler's own states and the router's learned
     coefficients, reproduces the sampler's next states; the coefficients of cache rows get gradients."""
-    from l2c_jax.diffusion import create_diffusion
-    from l2c_jax.sampling import DiTSampler
     from l2c_jax.training.losses import dit_period_roll, dit_router_loss
 
     steps = 12
     model, noise, y = digits
     router = _router(model.num_units, steps, period, order, True, seed=2)
-    sched = from_router(router, kind="dit-ddim", num_units=model.num_units, rows=steps)
-    states = []
-    out = DiTSampler(model, steps)(noise, y, sched, on_state=lambda s, x: states.append(np.asarray(x)))
-    states = np.stack(states + [np.asarray(out)], 1)
-    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
-    prob = jnp.asarray(np.where(sched.masks[::-1], 30.0, -30.0), jnp.float32)
+    sched, states, diffusion, prob = _sampled(router, steps, model, noise, y)
     coefs = jnp.asarray(router.coefs)
     roll = jax.jit(functools.partial(dit_period_roll, model=model, diffusion=diffusion, ste_threshold=0.5,
                                      period=period, forecast=f"taylor{order}", with_target=False))
@@ -236,20 +244,13 @@ def test_the_router_loss_forecasts_over_placed_anchors_as_the_sampler_does(digit
     """Anchors placed unevenly (stretches of 4, 1, 3, 2 and 2 steps): the loss's roll from each anchor, given
     the sampler's states, reproduces the sampler's next states, with learned coefficients and d2 spaced by
     the anchors' own gaps; draws fall only on anchors followed by a cache step."""
-    from l2c_jax.diffusion import create_diffusion
-    from l2c_jax.sampling import DiTSampler
     from l2c_jax.training.losses import dit_period_roll, dit_random_batch
 
     steps, spec = 12, "0,4,5,8,10"
     model, noise, y = digits
     placed = anchor_layout(spec, steps)
     router = _router(model.num_units, steps, 2, 2, True, seed=3, anchors=spec)
-    sched = from_router(router, kind="dit-ddim", num_units=model.num_units, rows=steps)
-    states = []
-    out = DiTSampler(model, steps)(noise, y, sched, on_state=lambda s, x: states.append(np.asarray(x)))
-    states = np.stack(states + [np.asarray(out)], 1)
-    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
-    prob = jnp.asarray(np.where(sched.masks[::-1], 30.0, -30.0), jnp.float32)
+    sched, states, diffusion, prob = _sampled(router, steps, model, noise, y)
     roll = jax.jit(functools.partial(dit_period_roll, model=model, diffusion=diffusion, ste_threshold=0.5,
                                      forecast="taylor2", with_target=False, anchors=placed))
     checked = 0
