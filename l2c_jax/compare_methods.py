@@ -135,7 +135,7 @@ class Harness:
     def begin(self, steps: int):
         """Starts a step count: its methods' context, the noise of every seed, the full sampler's images and
         latency. Returns the context (`l2c_jax.methods.Context`)."""
-        from l2c_jax.methods import Context, unit_changes
+        from l2c_jax.methods import Context, schedule_error, unit_changes
         from l2c_jax.pipelines import sample_noise, timed
         from l2c_jax.sampling import resolve_schedule
 
@@ -148,12 +148,15 @@ class Harness:
             thr = self.config.get("threshold") if thr is None else thr
             return resolve_schedule(self.model, full, router=router, threshold=thr, retarget=retarget)
 
-        calib = self.config.calibration
+        calib, classes = self.config.calibration, self.model.config.num_classes
         changes = functools.lru_cache(maxsize=1)(lambda: unit_changes(
             full, sample_noise(int(calib.seed), np.arange(int(calib.num_samples)), self.shape),
-            np.arange(int(calib.num_samples)) % self.model.config.num_classes, cfg_scale=self._scale()))
+            np.arange(int(calib.num_samples)) % classes, cfg_scale=self._scale()))
+        n_search = int(calib.get("search_samples", 256))
+        error = schedule_error(full, sample_noise(int(calib.seed), np.arange(n_search), self.shape),
+                               np.arange(n_search) % classes, cfg_scale=self._scale())
         self.ctx = Context(num_units=self.model.num_units, steps=steps, router_schedule=router_schedule,
-                           changes=changes)
+                           changes=changes, error=error)
         self.noises = {s: sample_noise(s, np.arange(self.n), self.shape) for s in self.seeds}
         from l2c_jax.methods import make_schedule
 
@@ -203,6 +206,7 @@ class Harness:
                    history_dtype=str(smp.history_dtype) if schedule.forecasts else None,
                    cache_dtype=options.get("cache_dtype") or None,
                    history_bytes=hist["kept"], history_bytes_all_units=hist["all_units"],
+                   anchors=None if schedule.anchors is None else [int(a) for a in np.flatnonzero(schedule.anchors)],
                    computed_share=schedule.computed_share, flop_bound=float(bound), latency=t, latency_sd=t_sd,
                    speedup=self.t_full / t, fid_mean=float(np.mean(fids)) if fids else None,
                    fid_sd=float(np.std(fids, ddof=1)) if len(fids) > 1 else None,
@@ -232,7 +236,13 @@ def _run_methods(config, workdir, report) -> list:
             if name == "fewer_steps":
                 setting = _fewer(setting, steps)
             try:
+                start = time.perf_counter()
                 todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32", {}))
+                made = time.perf_counter() - start
+                if made > 10:  # a calibration or search, not a lookup: its cost belongs beside its row
+                    where = todo[-1][0].anchors
+                    report(f"  {name} {setting}: made in {made:.0f} s" + (
+                        "" if where is None else f" (full steps {','.join(map(str, np.flatnonzero(where)))})"))
             except MissingRouter as e:  # a router named for some step counts only (e.g. a longer period at 50)
                 if name != "l2c" or not str(setting).strip("-"):
                     raise
@@ -255,7 +265,7 @@ def _run_methods(config, workdir, report) -> list:
     path = os.path.join(workdir, "methods.json")
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
-    png = plot_pareto(rows, os.path.join(workdir, "pareto.png"))
+    png = plot_pareto(rows, os.path.join(workdir, "pareto.png"), paired=bool(config.get("paired_picture")))
     report(f"wrote {path}" + (f" and {png}" if png else ""))
     return rows
 
@@ -400,8 +410,24 @@ def _fid_function(config, workdir):
     return None
 
 
-def plot_pareto(rows, path: str) -> Optional[str]:
-    """FID (mean ± sd over seeds) against computed share, a panel per step count, a line per method."""
+def _series(row) -> str:
+    """The line a row joins in the picture: its method, TaylorSeer split by where its full steps are."""
+    if row["method"] != "taylorseer":
+        return row["method"]
+    base = str(row["setting"]).partition("/")[0]
+    if base.startswith("search"):
+        return "taylorseer, searched full steps"
+    if base.startswith("warp") or "," in base:
+        return "taylorseer, warped full steps"
+    return "taylorseer" if base.isdigit() else f"taylorseer {base}"
+
+
+def plot_pareto(rows, path: str, paired: bool = False) -> Optional[str]:
+    """FID (mean ± sd over seeds) against computed share, a panel per step count, a line per method.
+
+    paired: instead, the paired FID gap to full (FID − full seed by seed, mean ± sd) above and PSNR to full
+    below, TaylorSeer's rows split by how their full steps are placed (the frontier near full, where
+    unpaired spreads hide every difference)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -415,26 +441,30 @@ def plot_pareto(rows, path: str) -> Optional[str]:
     rows = [r for r in rows if r[key] is not None and np.isfinite(r[key]) or r["method"] == "full"]
     if not rows:
         return None
+    paired = paired and key == "fid_mean"
+    panels = [("fid_gap_mean", "fid_gap_sd", "FID − full, paired (mean ± sd over seeds)"),
+              ("psnr_to_full", None, "PSNR to the full sampler (dB)")] if paired else [(key, "fid_sd", label)]
     steps = sorted({r["reference_steps"] for r in rows})
-    fig, axes = plt.subplots(1, len(steps), figsize=(6.5 * len(steps), 4.8), squeeze=False)
-    for ax, n in zip(axes[0], steps):
+    fig, axes = plt.subplots(len(panels), len(steps), figsize=(6.5 * len(steps), 4.8 * len(panels)), squeeze=False)
+    for col, n in enumerate(steps):
         these = [r for r in rows if r["reference_steps"] == n]
-        for m in dict.fromkeys(r["method"] for r in these):
-            pts = sorted((r for r in these if r["method"] == m), key=lambda r: r["computed_share"])
-            if m == "full":
-                if key == "fid_mean":
-                    ax.axhline(pts[0]["fid_mean"], color="k", lw=0.8, ls=":", label=f"full DDIM {n}")
-                continue
-            ax.errorbar([p["computed_share"] for p in pts], [p[key] for p in pts],
-                        yerr=[(p["fid_sd"] or 0) if key == "fid_mean" else 0 for p in pts], marker="o", ms=4,
-                        capsize=3, label=m)
-        ax.set_xlabel("computed share of unit evaluations")
-        ax.set_ylabel(label)
-        if key == "fid_mean":
-            ax.set_yscale("log")  # the methods span two orders of magnitude; the good ones sit near full
-        ax.set_title(f"DDIM {n}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, (y, err, ylabel) in zip(axes[:, col], panels):
+            series = _series if paired else (lambda r: r["method"])
+            for m in dict.fromkeys(series(r) for r in these):
+                pts = sorted((r for r in these if series(r) == m), key=lambda r: r["computed_share"])
+                if m == "full":
+                    if y in ("fid_mean", "fid_gap_mean"):
+                        ax.axhline(pts[0][y], color="k", lw=0.8, ls=":", label=f"full DDIM {n}")
+                    continue
+                ax.errorbar([p["computed_share"] for p in pts], [p[y] for p in pts],
+                            yerr=[(p[err] or 0) if err else 0 for p in pts], marker="o", ms=4, capsize=3, label=m)
+            ax.set_xlabel("computed share of unit evaluations")
+            ax.set_ylabel(ylabel)
+            if y == "fid_mean":
+                ax.set_yscale("log")  # the methods span two orders of magnitude; the good ones sit near full
+            ax.set_title(f"DDIM {n}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

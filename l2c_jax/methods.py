@@ -31,7 +31,9 @@ Methods (`METHODS`, by name; DiT column 2i is block i's attention, 2i+1 its MLP)
   current step by a Taylor expansion of order 1 or 2 (knob: "N/order"), or
   L2C's schedule forecast instead of copied (knob: "l2c/order"), or full
   steps placed by a layout rather than every N-th (knob: "warpC^P@L/order",
-  `l2c_jax.schedule.anchor_layout`).
+  `l2c_jax.schedule.anchor_layout`), or by a search on calibration noise
+  (knob: "searchC/order": C full steps, placed where the final samples come
+  closest to the full sampler's; `search_layout`).
 
 The first row always computes everything (there is no cache yet).
 """
@@ -39,6 +41,7 @@ The first row always computes everything (there is no cache yet).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -46,7 +49,7 @@ import numpy as np
 from l2c_jax.errors import ConfigError
 from l2c_jax.schedule import Schedule, anchor_layout
 
-__all__ = ["METHODS", "Context", "Schedule", "make_schedule", "unit_changes"]
+__all__ = ["METHODS", "Context", "Schedule", "make_schedule", "schedule_error", "search_layout", "unit_changes"]
 
 
 @dataclasses.dataclass
@@ -59,6 +62,8 @@ class Context:
     # (`l2c_jax.schedule.from_router`: masks, forecast, anchors)
     router_schedule: Callable[[str, Optional[float]], Schedule]
     changes: Callable[[], np.ndarray]  # () -> (steps, units) relative change of each unit at each step
+    # schedule -> its final samples' mean squared difference from the full sampler's on calibration noise
+    error: Optional[Callable[[Schedule], float]] = None
 
     def l2c_masks(self, threshold: Optional[float] = None) -> np.ndarray:
         return np.asarray(self.router_schedule("", threshold).masks, bool)
@@ -196,10 +201,69 @@ def taylorseer(ctx, setting="2/2") -> Schedule:
     elif base.isdigit():
         base_schedule = fora(ctx, int(base))
     else:
-        placed = anchor_layout(base, ctx.steps)
-        base_schedule = _schedule(ctx, "placed", base, np.repeat(placed[:, None], ctx.num_units, 1), anchors=placed)
+        m = re.fullmatch(r"search(\d+)", base)
+        placed = search_layout(ctx, int(m[1]), order) if m else anchor_layout(base, ctx.steps)
+        base_schedule = _placed(ctx, placed)
     return _schedule(ctx, "taylorseer", f"{base}/{order}", base_schedule.masks, forecast=f"taylor{order}",
                      anchors=base_schedule.anchors)
+
+
+def _placed(ctx, anchors: np.ndarray) -> Schedule:
+    """Every unit computes at the anchors and only there."""
+    return _schedule(ctx, "placed", "-", np.repeat(anchors[:, None], ctx.num_units, 1), anchors=anchors)
+
+
+def search_layout(ctx, count: int, order: int = 2, powers=(0.5, 0.6, 0.8), max_rounds: int = 4) -> np.ndarray:
+    """(steps,) bool: `count` anchors (full steps) for a Taylor forecast of `order`, placed where the final
+    samples on calibration noise come closest to the full sampler's (`ctx.error`).
+
+    A coordinate search, deterministic: it starts from the best `warpC^P@L` layout over a small grid (P in
+    `powers`, the last anchor 1 or 3 steps before the last step), then moves one anchor at a time by 1 or 2 steps
+    while that lowers the error, for at most `max_rounds` passes. It costs one calibration sampling run per
+    layout tried: about 6 + 4 (count - 1) per pass.
+    """
+    steps = ctx.steps
+    if ctx.error is None:
+        raise ConfigError("searching an anchor layout needs calibration samples (this caller gives none)")
+    if not 2 <= count <= steps:
+        raise ConfigError(f"search{count}: the anchor count must lie in [2, {steps}] at {steps} steps")
+    if count == steps:
+        return np.ones(steps, bool)
+    tried = {}
+
+    def error(where) -> float:
+        where = tuple(int(w) for w in where)
+        if where not in tried:
+            anchors = np.zeros(steps, bool)
+            anchors[list(where)] = True
+            placed = _placed(ctx, anchors)
+            tried[where] = ctx.error(_schedule(ctx, "taylorseer", "search", placed.masks, forecast=f"taylor{order}",
+                                               anchors=anchors))
+        return tried[where]
+
+    starts = []
+    for power in powers:
+        for last in (steps - 2, steps - 4):
+            where = np.round(max(last, count - 1) * np.linspace(0.0, 1.0, count) ** power).astype(int)
+            if len(np.unique(where)) == count:
+                starts.append(tuple(where))
+    if not starts:  # too many anchors to warp: even spacing
+        starts.append(tuple(np.round(np.linspace(0, steps - 1, count)).astype(int)))
+    best = min(starts, key=error)
+    for _ in range(max_rounds):
+        moved = False
+        for i in range(1, count):
+            for delta in (-2, -1, 1, 2):
+                cand = list(best)
+                cand[i] += delta
+                low, high = cand[i - 1], cand[i + 1] if i + 1 < count else steps
+                if low < cand[i] < high and error(cand) < error(best):
+                    best, moved = tuple(cand), True
+        if not moved:
+            break
+    out = np.zeros(steps, bool)
+    out[list(best)] = True
+    return out
 
 
 METHODS: Dict[str, Callable] = dict(full=full, l2c=l2c, fora=fora, delta_dit=delta_dit, deepcache=deepcache,
@@ -211,6 +275,20 @@ def make_schedule(ctx: Context, method: str, setting=None) -> Schedule:
     if method not in METHODS:
         raise ConfigError(f"unknown caching method {method!r} (known: {', '.join(METHODS)})")
     return METHODS[method](ctx, setting) if setting is not None else METHODS[method](ctx)
+
+
+def schedule_error(sampler, noise, y, cfg_scale="default") -> Callable[[Schedule], float]:
+    """schedule -> the mean squared difference of its final samples from the full sampler's on `noise` (the
+    full run happens once, on first use)."""
+    reference = []
+
+    def error(schedule: Schedule) -> float:
+        if not reference:
+            reference.append(np.asarray(sampler(noise, y, None, cfg_scale=cfg_scale), np.float32))
+        out = np.asarray(sampler(noise, y, schedule, cfg_scale=cfg_scale), np.float32)
+        return float(np.mean((out - reference[0]) ** 2))
+
+    return error
 
 
 def unit_changes(sampler, noise, y, cfg_scale="default") -> np.ndarray:

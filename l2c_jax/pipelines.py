@@ -300,6 +300,7 @@ def _write_outputs(config, workdir, report, model, made, store, n, bs, sampled, 
                   sampled=sampled, processes=jax.process_count(), grid=grid_path, npz=npz_path,
                   batch_size=bs, steps=sampler.rows, router=cached, schedule=schedule.describe(),
                   forecast=schedule.forecast, history_bytes=history["kept"],
+                  anchors=None if schedule.anchors is None else [int(a) for a in np.flatnonzero(schedule.anchors)],
                   history_bytes_all_units=history["all_units"], phases=phases.summary(), metrics=metrics)
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -313,6 +314,8 @@ def _write_outputs(config, workdir, report, model, made, store, n, bs, sampled, 
     else:
         report(f"all {n} images were sampled before this run; nothing left to sample")
     report(f"sub-layers computed: {share * 100:.2f}% of {of_what}")
+    if schedule.forecasts and schedule.anchors is not None:  # placed or searched: where the full steps went
+        report(f"full steps (anchors of the forecast): {','.join(map(str, np.flatnonzero(schedule.anchors)))}")
     if schedule.forecasts:
         report(f"forecast history ({schedule.forecast}): {history['kept'] / 2**20:.1f} MiB at its peak, against "
                f"{history['all_units'] / 2**20:.1f} MiB for (value, d1, d2) of every unit in float32")

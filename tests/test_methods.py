@@ -170,3 +170,52 @@ def test_the_l2c_row_samples_everything_the_router_holds():
     config.only = "taylorseer"
     assert ("taylorseer", "warp7^0.6@17/2") in _settings_at(config, 20)
     assert not [s for _, s in _settings_at(config, 50) if "warp7" in s]
+
+
+def test_the_anchor_search_moves_anchors_to_where_the_error_is_lowest():
+    """`taylorseer:searchC/2` places C full steps by a coordinate search on `ctx.error`: with an error that is
+    lowest at a known layout, it finds that layout from its warped start, and the schedule computes there only."""
+    from l2c_jax.methods import search_layout
+
+    target = np.array([0, 6, 10, 13, 15, 17, 19])
+    calls = []
+
+    def error(schedule):
+        calls.append(schedule)
+        assert schedule.forecast == "taylor2" and (schedule.masks.all(1) == schedule.anchors).all()
+        return float(((np.flatnonzero(schedule.anchors) - target) ** 2).sum())
+
+    ctx = Context(num_units=24, steps=20, changes=lambda: None, router_schedule=None, error=error)
+    np.testing.assert_array_equal(np.flatnonzero(search_layout(ctx, 7)), target)
+    assert len(calls) < 60  # each layout is measured once
+    placed = make_schedule(ctx, "taylorseer", "search7/2")
+    np.testing.assert_array_equal(np.flatnonzero(placed.anchor_rows()), target)
+    assert placed.forecast == "taylor2" and placed.computed_share == pytest.approx(7 / 20)
+    for bad in ("search1/2", "search21/2"):
+        with pytest.raises(ConfigError, match="anchor count"):
+            make_schedule(ctx, "taylorseer", bad)
+    with pytest.raises(ConfigError, match="calibration"):
+        make_schedule(Context(num_units=24, steps=20, changes=lambda: None, router_schedule=None), "taylorseer",
+                      "search7/2")
+
+
+@pytest.mark.slow
+def test_an_anchor_search_on_the_model_lowers_its_error_against_the_full_sampler(digits):
+    """Through the one schedule path, on the digits model's own calibration noise: the searched layout comes
+    closer to the full sampler's samples than the warped layouts it starts from."""
+    from l2c_jax.methods import schedule_error
+    from l2c_jax.pipelines import sample_noise
+    from l2c_jax.sampling import resolve_schedule
+
+    model, ctx, sampler, _, _ = digits
+    searched = resolve_schedule(model, sampler(STEPS), "taylorseer:search5/2",
+                                calibration=dict(seed=1000, search_samples=8))
+    anchors = np.flatnonzero(searched.anchor_rows())
+    assert len(anchors) == 5 and anchors[0] == 0 and searched.computed_share == pytest.approx(5 / 20)
+    cfg = model.config
+    error = schedule_error(sampler(STEPS), sample_noise(1000, np.arange(8), (cfg.input_size, cfg.input_size,
+                                                                             cfg.in_channels)),
+                           np.arange(8) % cfg.num_classes)
+    start = min(error(make_schedule(ctx, "taylorseer", f"warp5^{p}@{last}/2")) for p in (0.5, 0.6, 0.8)
+                for last in (STEPS - 2, STEPS - 4))
+    assert error(searched) < start

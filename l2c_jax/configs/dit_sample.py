@@ -68,6 +68,9 @@ def base(image_size=256, steps=20, l2c=False, model="DiT-XL/2"):
     # Any caching method's schedule instead of the router's (l2c_jax.methods): "taylorseer:3/2", "fora:3",
     # "l2c:0.3" (the router above at another threshold), ...; "" = the router's, or none.
     c.schedule = ""
+    # What calibrated schedules sample first, from their own noise (seed): full trajectories for SmoothCache and
+    # the error ranking, images a search compares with the full sampler's ("taylorseer:search13/2").
+    c.calibration = ml_collections.ConfigDict(dict(num_samples=64, seed=1000, search_samples=256))
     c.history_dtype = ""  # a forecast's derivative terms: "" = float32, or "bfloat16" (half the memory)
     # The original sample.py's labels; set num_samples (and labels=()) for random labels, e.g. 50k for FID.
     c.labels = (207, 992, 387, 974, 142, 979, 417, 279)

@@ -17,7 +17,7 @@ from l2c_jax.configs import common
 from l2c_jax.configs.digits_dit import ARCH
 from l2c_jax.resources import asset
 
-VARIANTS = ("", "quick")
+VARIANTS = ("", "quick", "frontier")
 PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2", "k4_taylor2_learned_l1x5",
                   "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5")
 IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
@@ -25,8 +25,8 @@ IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 def get_config(arg=None):
     arg = common.variant(arg, "full")
-    if arg not in ("full", "quick"):
-        raise common.unknown("methods_digits.py", arg, ("(none)", "quick"))
+    if arg not in ("full", "quick", "frontier"):
+        raise common.unknown("methods_digits.py", arg, ("(none)", "quick", "frontier"))
     c = ml_collections.ConfigDict()
     c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
     # ddimN: the router of N steps ("l2c" rows); ddimN_NAME: another one, the l2c setting NAME (rows only at N
@@ -67,11 +67,26 @@ def get_config(arg=None):
     c.bfloat16_rows = True  # full and L2C in bfloat16 as well
     c.num_samples = 1000
     c.seeds = (0, 1, 2)
-    c.calibration = ml_collections.ConfigDict(dict(num_samples=64, seed=1000))  # SmoothCache / error_ranked
+    # SmoothCache / error_ranked calibrate on num_samples full trajectories; an anchor search ("searchC/2")
+    # compares search_samples images with the full sampler's. Seed 1000: apart from the scored seeds' noise.
+    c.calibration = ml_collections.ConfigDict(dict(num_samples=64, seed=1000, search_samples=256))
     c.repeats = 2  # timed runs per schedule after a warm-up (median)
     c.strategy = "auto"
     c.eval = ml_collections.ConfigDict(dict(features="digits"))
     c.workdir = "out/methods_digits"
+    if arg == "frontier":
+        # The forecasting frontier below 50% computed (README, docs/learned_forecasts.md): the best learned
+        # routers against TaylorSeer with even, warped and searched full steps (the search runs on the
+        # calibration noise, seed 1000, apart from the scored seeds).
+        c.only = "full,l2c,taylorseer"
+        c.methods.l2c = ("-", "k3_taylor2", "k4_taylor2_l1x5")
+        c.methods.taylorseer = ("2/2", "3/2", "4/2", "6/2", "ddim50:warp13^0.6@48/2", "ddim50:search13/2",
+                                "ddim50:warp10^0.6@46/2", "ddim50:search10/2", "ddim20:warp7^0.6@17/2",
+                                "ddim20:search7/2")
+        c.history_dtypes = ()
+        c.bfloat16_rows = False
+        c.paired_picture = True  # pareto.png: the paired FID gap and PSNR to full (README, the frontier)
+        c.workdir = "out/methods_digits_frontier"
     if arg == "quick":
         c.num_samples = 200
         c.seeds = (0,)

@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", cfg_scale=1.5, guidance_channels=3))
     c.num_samples = 8
     c.calibration.num_samples = 4
+    c.calibration.search_samples = 8
     c.eval = ml_collections.ConfigDict(dict(features="", reference="", inception="ckpt/inception_fid",
                                             batch_size=64))
     c.workdir = "out/methods_xl2_256"

@@ -73,11 +73,13 @@ def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: O
     forecast: overrides how reused units are formed ("copy", "taylor1",
     "taylor2"); by default a router's own, TaylorSeer's, or copies.
     calibration: {num_samples, seed} of the full trajectories SmoothCache and
-    the error ranking calibrate on (default 64 images, seed 1000).
+    the error ranking calibrate on (default 64 images, seed 1000), and
+    search_samples, the images an anchor search ("taylorseer:search10/2")
+    compares with the full sampler's (default 256, same seed).
     A `fewer_steps` schedule runs another step count (`Schedule.steps`): sample
     it with a sampler of that many steps.
     """
-    from l2c_jax.methods import Context, make_schedule, unit_changes
+    from l2c_jax.methods import Context, make_schedule, schedule_error, unit_changes
 
     given = [n for n, v in (("schedule", schedule), ("router", router), ("masks", masks)) if v is not None
              and not (n == "router" and isinstance(schedule, str))]
@@ -104,17 +106,21 @@ def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: O
         if model.family != "dit" and name not in ("full", "l2c"):
             raise ConfigError(f"the caching methods run on DiT models for now; a {model.family} model samples "
                               "'full' or 'l2c'")
-        cal = dict(num_samples=64, seed=1000, **dict(calibration or {}))
+        cal = {"num_samples": 64, "seed": 1000, **dict(calibration or {})}
 
-        def changes():
+        def calibration_noise(n):
             from l2c_jax.sampling.draws import sample_noise
 
-            n, cfg = int(cal["num_samples"]), model.config
+            cfg = model.config
             noise = sample_noise(int(cal["seed"]), np.arange(n), (cfg.input_size, cfg.input_size, cfg.in_channels))
-            return unit_changes(sampler, noise, np.arange(n) % cfg.num_classes)
+            return noise, np.arange(n) % cfg.num_classes
+
+        def changes():
+            return unit_changes(sampler, *calibration_noise(int(cal["num_samples"])))
 
         ctx = Context(num_units=model.num_units, steps=rows, router_schedule=router_schedule,
-                      changes=functools.lru_cache(maxsize=1)(changes))
+                      changes=functools.lru_cache(maxsize=1)(changes),
+                      error=schedule_error(sampler, *calibration_noise(int(cal.get("search_samples", 256)))))
         result = make_schedule(ctx, name, setting)
     elif router is not None:
         result = router_schedule("", None)
