@@ -20,6 +20,8 @@ from l2c_jax.resources import asset
 VARIANTS = ("", "quick", "frontier")
 PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2", "k4_taylor2_learned_l1x5",
                   "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5")
+# At DDIM 20 (configs/router_digits.py:20_k3_taylor2 and 20_k4_taylor2, 1,000 steps; "l1x5": --config.train.l1=2.5e-4).
+PERIOD_ROUTERS_20 = ("k3_taylor2", "k4_taylor2_l1x5")
 IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 
@@ -36,6 +38,8 @@ def get_config(arg=None):
                                            for n in (20, 50)})
     for name in PERIOD_ROUTERS:
         c.routers[f"ddim50_{name}"] = asset("digits", f"router_ddim50_{name}.safetensors")
+    for name in PERIOD_ROUTERS_20:
+        c.routers[f"ddim20_{name}"] = asset("digits", f"router_ddim20_{name}.safetensors")
     # Image-free routers (configs/router_digits.py:N_imagefree: no images, the model's own trajectories), three
     # training seeds each; and each step count's router retargeted to the other (ddimM_fromN, l2c_jax.retarget).
     for n, other in ((20, 50), (50, 20)):
@@ -48,7 +52,8 @@ def get_config(arg=None):
     c.methods = ml_collections.ConfigDict(dict(
         full=("-",),
         # from50@0.2 / from20@0.7: the retargeted routers at the threshold that matches the trained one's share.
-        l2c=("0.3", "-", "0.7") + PERIOD_ROUTERS + IMAGE_FREE_ROUTERS + ("from50", "from50@0.2", "from20", "from20@0.7"),
+        l2c=("0.3", "-", "0.7") + tuple(dict.fromkeys(PERIOD_ROUTERS + PERIOD_ROUTERS_20)) + IMAGE_FREE_ROUTERS
+        + ("from50", "from50@0.2", "from20", "from20@0.7"),
         fora=(2, 3, 4),
         delta_dit=(3, 6, 9),
         deepcache=(2, 3, 5),
