@@ -59,20 +59,23 @@ def _settings(config) -> list:
 
 
 def _settings_at(config, steps: int) -> list:
-    """`_settings` that run at `steps`: a knob written "ddimN:KNOB" runs at N steps only (as KNOB)."""
+    """`_settings` that run at `steps`: a knob written "ddimN:KNOB" (U-ViT: "dpmN:KNOB") runs at N steps only
+    (as KNOB)."""
     out = []
     for name, setting in _settings(config):
-        only_at = re.fullmatch(r"ddim(\d+):(.+)", str(setting))
+        only_at = re.fullmatch(r"(?:ddim|dpm)(\d+):(.+)", str(setting))
         if only_at and int(only_at[1]) != steps:
             continue
         out.append((name, only_at[2] if only_at else setting))
     return out
 
 
-def _fewer(setting, steps: int):
-    """fewer_steps' knob: a step count, or a share of `steps` (< 1)."""
+def _fewer(setting, steps: int, even: bool = False):
+    """fewer_steps' knob: a step count, or a share of `steps` (< 1); `even`: rounded to an even count (U-ViT's
+    DPM-Solver-2 evaluates twice per step)."""
     v = float(setting)
-    return str(max(1, int(round(v * steps)))) if v < 1 else str(int(v))
+    k = max(1, int(round(v * steps))) if v < 1 else int(v)
+    return str(max(2, 2 * int(round(k / 2)))) if even else str(k)
 
 
 class Harness:
@@ -85,22 +88,24 @@ class Harness:
 
     def __init__(self, config, workdir: str, report=print):
         from l2c_jax.model import model_from_config
-        from l2c_jax.sampling import is_guided
+        from l2c_jax.sampling import calibration_labels, is_guided
 
         self.config, self.workdir, self.report = config, workdir, report
         self.models = {"float32": model_from_config(config.model, dtype=jnp.float32)}
         if config.get("bfloat16_rows"):
             self.models["bfloat16"] = model_from_config(config.model, dtype=jnp.bfloat16)
         self.model = self.models["float32"]
-        if self.model.family != "dit":
-            raise ConfigError(f"the methods harness runs DiT models for now, not {self.model.family}")
+        if self.model.family not in ("dit", "uvit"):
+            raise ConfigError(f"the methods harness runs DiT and U-ViT models, not {self.model.family}")
+        # Router names and step knobs: DDIM steps for DiT, DPM-Solver-2 NFE for U-ViT.
+        self.prefix = "ddim" if self.model.family == "dit" else "dpm"
         cfg = self.model.config
         sc = config.sampler
         self.scale = sc.get("cfg_scale")
         self.guided = is_guided(self.model.family, self.scale)
         self.n = int(config.num_samples)
         self.shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
-        self.y = np.arange(self.n) % cfg.num_classes
+        self.y = calibration_labels(cfg, self.n)
         self.seeds = [int(s) for s in config.seeds]
         self.reps = int(config.get("repeats", 2))
         self.strategy = config.get("strategy", "auto")
@@ -113,23 +118,27 @@ class Harness:
         self._steps = None
 
     def sampler(self, steps: int, dtype: str = "float32", **options):
-        from l2c_jax.sampling import sampler_for
+        from l2c_jax.sampling import sampler_class, sampler_for
 
         sc = self.config.sampler
-        return sampler_for(self.models[dtype], sc.get("name", "ddim"), int(steps), self.guided, self.strategy,
-                           guidance_channels=sc.get("guidance_channels", 3),
+        model = self.models[dtype]
+        default = "ddim" if model.family == "dit" else "dpm_solver2"
+        return sampler_for(model, sc.get("name", default), int(steps), self.guided, self.strategy,
+                           **sampler_class(model.family).options_from_config(sc),
                            **{k: v for k, v in options.items() if v})
 
     def router(self, steps: int, name: str = ""):
         """config.routers: ddim<steps> is the step count's router, ddim<steps>_<name> another (ddim50_k3);
-        ddimM_fromN a router of N steps, retargeted."""
+        ddimM_fromN a router of N steps, retargeted (U-ViT: dpm<NFE>...)."""
         from l2c_jax.router import load_router
+        from l2c_jax.sampling import sampler_class
 
-        key = f"ddim{steps}_{name}" if name else f"ddim{steps}"
+        key = f"{self.prefix}{steps}_{name}" if name else f"{self.prefix}{steps}"
         if not self.config.routers.get(key):
             raise MissingRouter(f"config.routers has no router {key!r}")
         if key not in self._routers:
-            self._routers[key] = load_router(self.config.routers.get(key), kind="dit-ddim")
+            kind = sampler_class(self.model.family).router_kind
+            self._routers[key] = load_router(self.config.routers.get(key), kind=kind)
         return self._routers[key], bool(re.search(r"_from\d+$", key))
 
     def begin(self, steps: int):
@@ -137,7 +146,7 @@ class Harness:
         latency. Returns the context (`l2c_jax.methods.Context`)."""
         from l2c_jax.methods import Context, schedule_error, unit_changes
         from l2c_jax.pipelines import sample_noise, timed
-        from l2c_jax.sampling import resolve_schedule
+        from l2c_jax.sampling import calibration_labels, resolve_schedule
 
         steps = int(steps)
         self._steps = steps
@@ -148,13 +157,13 @@ class Harness:
             thr = self.config.get("threshold") if thr is None else thr
             return resolve_schedule(self.model, full, router=router, threshold=thr, retarget=retarget)
 
-        calib, classes = self.config.calibration, self.model.config.num_classes
+        calib, cfg = self.config.calibration, self.model.config
         changes = functools.lru_cache(maxsize=1)(lambda: unit_changes(
             full, sample_noise(int(calib.seed), np.arange(int(calib.num_samples)), self.shape),
-            np.arange(int(calib.num_samples)) % classes, cfg_scale=self._scale()))
+            calibration_labels(cfg, int(calib.num_samples)), cfg_scale=self._scale()))
         n_search = int(calib.get("search_samples", 256))
         error = schedule_error(full, sample_noise(int(calib.seed), np.arange(n_search), self.shape),
-                               np.arange(n_search) % classes, cfg_scale=self._scale())
+                               calibration_labels(cfg, n_search), cfg_scale=self._scale())
         self.ctx = Context(num_units=self.model.num_units, steps=steps, router_schedule=router_schedule,
                            changes=changes, error=error)
         self.noises = {s: sample_noise(s, np.arange(self.n), self.shape) for s in self.seeds}
@@ -234,7 +243,7 @@ def _run_methods(config, workdir, report) -> list:
         todo = []
         for name, setting in _settings_at(config, steps):
             if name == "fewer_steps":
-                setting = _fewer(setting, steps)
+                setting = _fewer(setting, steps, even=h.model.family == "uvit")
             try:
                 start = time.perf_counter()
                 todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32", {}))
@@ -246,13 +255,13 @@ def _run_methods(config, workdir, report) -> list:
             except MissingRouter as e:  # a router named for some step counts only (e.g. a longer period at 50)
                 if name != "l2c" or not str(setting).strip("-"):
                     raise
-                report(f"  {name} {setting}: skipped at DDIM {steps} ({e})")
+                report(f"  {name} {setting}: skipped at {h.prefix.upper()} {steps} ({e})")
         for dtype in [d for d in h.models if d != "float32"]:
             todo += [(make_schedule(ctx, "full"), dtype, {}), (make_schedule(ctx, "l2c"), dtype, {})]
         for hd in config.get("history_dtypes") or ():  # forecasting schedules again, their history narrower
             todo += [(sched, "float32", dict(history_dtype=hd)) for sched, d, o in list(todo)
                      if d == "float32" and not o and sched.forecasts]
-        report(f"DDIM {steps}: {len(todo)} schedules x {len(h.seeds)} seeds x {h.n} images "
+        report(f"{h.prefix.upper()} {steps}: {len(todo)} schedules x {len(h.seeds)} seeds x {h.n} images "
                f"(full: {h.t_full:.3f} s per batch)")
         for sched, dtype, options in todo:
             row, _ = h.measure(sched, dtype, **options)
@@ -265,7 +274,8 @@ def _run_methods(config, workdir, report) -> list:
     path = os.path.join(workdir, "methods.json")
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
-    png = plot_pareto(rows, os.path.join(workdir, "pareto.png"), paired=bool(config.get("paired_picture")))
+    png = plot_pareto(rows, os.path.join(workdir, "pareto.png"), paired=bool(config.get("paired_picture")),
+                      solver="DDIM" if h.prefix == "ddim" else "NFE")
     report(f"wrote {path}" + (f" and {png}" if png else ""))
     return rows
 
@@ -422,9 +432,10 @@ def _series(row) -> str:
     return "taylorseer" if base.isdigit() else f"taylorseer {base}"
 
 
-def plot_pareto(rows, path: str, paired: bool = False) -> Optional[str]:
+def plot_pareto(rows, path: str, paired: bool = False, solver: str = "DDIM") -> Optional[str]:
     """FID (mean ± sd over seeds) against computed share, a panel per step count, a line per method.
 
+    solver: what a panel counts ("DDIM" steps, U-ViT's "NFE").
     paired: instead, the paired FID gap to full (FID − full seed by seed, mean ± sd) above and PSNR to full
     below, TaylorSeer's rows split by how their full steps are placed (the frontier near full, where
     unpaired spreads hide every difference)."""
@@ -454,7 +465,7 @@ def plot_pareto(rows, path: str, paired: bool = False) -> Optional[str]:
                 pts = sorted((r for r in these if series(r) == m), key=lambda r: r["computed_share"])
                 if m == "full":
                     if y in ("fid_mean", "fid_gap_mean"):
-                        ax.axhline(pts[0][y], color="k", lw=0.8, ls=":", label=f"full DDIM {n}")
+                        ax.axhline(pts[0][y], color="k", lw=0.8, ls=":", label=f"full {solver} {n}")
                     continue
                 ax.errorbar([p["computed_share"] for p in pts], [p[y] for p in pts],
                             yerr=[(p[err] or 0) if err else 0 for p in pts], marker="o", ms=4, capsize=3, label=m)
@@ -462,7 +473,7 @@ def plot_pareto(rows, path: str, paired: bool = False) -> Optional[str]:
             ax.set_ylabel(ylabel)
             if y == "fid_mean":
                 ax.set_yscale("log")  # the methods span two orders of magnitude; the good ones sit near full
-            ax.set_title(f"DDIM {n}")
+            ax.set_title(f"{solver} {n}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -337,15 +337,14 @@ def history_report(sampler, schedule, batch: int) -> dict:
 
 
 def flop_bound_of(model, sampler, schedule) -> Optional[float]:
-    """Full FLOPs over the schedule's (the always-computed parts included), for DiT schedules; else None."""
-    if model.family != "dit":
-        return None
+    """Full FLOPs over the schedule's (the always-computed parts included), counted per model evaluation."""
     from l2c_jax.bench.flops import flop_bound
 
     if schedule.masks is None:
         ref = schedule.reference_steps or sampler.rows
         return float(ref / sampler.rows)
-    return float(flop_bound(model.config, schedule.masks, sampler.rows)["bound_with_fixed"])
+    masks = sampler.evaluation_masks(schedule.masks)
+    return float(flop_bound(model.config, masks, masks.shape[0])["bound_with_fixed"])
 
 
 def timed(fn, repeats: int):

@@ -47,6 +47,21 @@ _FILES = {
 }
 
 
+def computed_units(sampler, schedule, noise, y):
+    """(evaluations, units): which units each model evaluation really computed (`on_step`); a reused unit
+    hands on its cached value bit for bit."""
+    seen, prev = [], {}
+
+    def on_step(s, units):
+        cur = [np.asarray(u) for u in units]
+        seen.append(np.ones(len(cur), bool) if not prev else
+                    np.array([not np.array_equal(a, b) for a, b in zip(prev["u"], cur)]))
+        prev["u"] = cur
+
+    sampler(noise, y, schedule, on_step=on_step)
+    return np.stack(seen)
+
+
 @functools.cache
 def reference_io(family):
     return dict(np.load(fixture_path(*_FILES[family]["io"])))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from docs_blocks import run_block
+from conftest import computed_units
 from l2c_jax.errors import ConfigError
 from l2c_jax.methods import METHODS, Context, make_schedule, unit_changes
 
@@ -40,20 +41,6 @@ def digits():
     return model, ctx, sampler, noise, y
 
 
-def _changed_units(sampler, schedule, noise, y):
-    """Which units the sampler really computed at each step: a reused unit's value is its cached one, bit for bit."""
-    seen, prev = [], {}
-
-    def on_step(s, units):
-        cur = [np.asarray(u) for u in units]
-        seen.append(np.ones(len(cur), bool) if not prev else
-                    np.array([not np.array_equal(a, b) for a, b in zip(prev["u"], cur)]))
-        prev["u"] = cur
-
-    sampler(noise, y, schedule, on_step=on_step)
-    return np.stack(seen)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_schedule_computes_exactly_the_share_it_reports(digits, method):
@@ -68,7 +55,7 @@ def test_each_schedule_computes_exactly_the_share_it_reports(digits, method):
     else:
         assert sched.steps == STEPS and sched.computed_share == pytest.approx(smp.computed_share(sched.masks))
     if sched.forecast == "copy":  # forecasts change the reused values too: nothing to count there
-        computed = _changed_units(smp, sched, noise, y)
+        computed = computed_units(smp, sched, noise, y)
         assert computed.sum() == sched.computed() == round(sched.computed_share * STEPS * model.num_units)
         if sched.masks is not None:
             np.testing.assert_array_equal(computed, sched.masks)

@@ -12,23 +12,40 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 
+def _is_uvit(config) -> bool:
+    return hasattr(config, "embed_dim")
+
+
 def unit_flops(config, rows: int = 1) -> np.ndarray:
-    """FLOPs of each cacheable unit for one forward of `rows` sequences, (2*depth,).
+    """FLOPs of each cacheable unit for one forward of `rows` sequences, (num_units,): DiT's 2*depth, U-ViT's
+    2*num_blocks (its sequence holds the time and label tokens too).
 
     Attention: qkv and output projections + scores (q k^T) + weighted values;
     MLP: fc1 + fc2. A multiply-add counts 2; softmax, norms and biases are not counted.
     """
-    n = (config.input_size // config.patch_size) ** 2
-    h = config.hidden_size
+    if _is_uvit(config):
+        n, h, blocks = config.num_patches + config.extras, config.embed_dim, config.num_blocks
+    else:
+        n, h, blocks = (config.input_size // config.patch_size) ** 2, config.hidden_size, config.depth
     attn = 2 * n * h * 3 * h + 2 * n * n * h + 2 * n * n * h + 2 * n * h * h
     mlp = 2 * 2 * n * h * int(h * config.mlp_ratio)
-    return np.tile(np.array([attn, mlp], np.float64) * rows, config.depth)
+    return np.tile(np.array([attn, mlp], np.float64) * rows, blocks)
 
 
 def fixed_flops(config, rows: int = 1) -> float:
-    """FLOPs every forward computes whatever the mask: patch embedding, timestep MLP, adaLN, final layer."""
+    """FLOPs every forward computes whatever the mask. DiT: patch embedding, timestep MLP, adaLN, final layer;
+    U-ViT: patch embedding, the out blocks' skip projections, the output projection (and the time MLP and
+    final conv where the model has them)."""
+    p = config.patch_size
+    if _is_uvit(config):
+        n, h, c = config.num_patches + config.extras, config.embed_dim, config.in_chans
+        patch = 2 * config.num_patches * p * p * c * h
+        skips = (config.depth // 2) * 2 * n * 2 * h * h if config.skip else 0
+        temb = 2 * 2 * h * 4 * h if config.mlp_time_embed else 0
+        conv = 2 * config.img_size ** 2 * 9 * c * c if config.conv else 0
+        return float(rows * (patch + skips + temb + 2 * n * h * p * p * c + conv))
     n = (config.input_size // config.patch_size) ** 2
-    h, p = config.hidden_size, config.patch_size
+    h = config.hidden_size
     patch = 2 * n * p * p * config.in_channels * h
     temb = 2 * (256 * h + h * h)
     adaln = config.depth * 2 * h * 6 * h
@@ -39,7 +56,7 @@ def fixed_flops(config, rows: int = 1) -> float:
 def flop_bound(config, masks, steps: int) -> dict:
     """Speed-up the schedule allows: full FLOPs / kept FLOPs over all `steps` steps.
 
-    masks: None (no cache) or (steps, 2*depth) bools, True = computed.
+    masks: None (no cache) or (steps, num_units) bools, True = computed (U-ViT: one row per model evaluation).
     `bound` counts the cacheable units only (the issue's "share of transformer
     FLOPs that the masks keep"); `bound_with_fixed` adds the always-computed parts.
     """

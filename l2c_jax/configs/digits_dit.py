@@ -25,7 +25,12 @@ def get_config(arg=None):
     c.seed = 0
     c.model = common.model("dit", arch_fields=ARCH, random_init=True, init_seed=0)  # trained from scratch
     c.data = ml_collections.ConfigDict(dict(tfds_name="sklearn_digits", image_size=8, flip=False))
-    c.train = ml_collections.ConfigDict(dict(
+    c.train = training()
+    return c
+
+
+def training():
+    """The `train` section of the digits models (DiT and U-ViT alike): 6k steps of AdamW at batch 64, EMA."""
+    return ml_collections.ConfigDict(dict(
         batch_size=64, steps=6_000, lr=1e-3, weight_decay=0.0, grad_clip=1.0, ema_decay=0.999,
         label_dropout=0.1, log_every=500, checkpoint_every=2_000))
-    return c

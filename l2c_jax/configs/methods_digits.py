@@ -2,6 +2,7 @@
 
   python scripts/compare_methods.py --config configs/methods_digits.py --workdir out/methods_digits
   python scripts/compare_methods.py --config configs/methods_digits.py:quick   # one seed, 200 images
+  python scripts/compare_methods.py --config configs/methods_digits.py:uvit    # the digits U-ViT, NFE 20 and 50
 
 Each method of `methods` runs every listed knob (`l2c_jax.methods`): FORA's
 and DeepCache's interval N, Delta-DiT's cached blocks b, SmoothCache's alpha,
@@ -9,6 +10,11 @@ fewer_steps' share of the steps, TaylorSeer's "N/order" (or "l2c/order"),
 L2C's threshold ("-": the router's own) or another router of the step count
 (`config.routers` ddimN_NAME: longer periods, image-free, retargeted). A knob
 written "ddimN:KNOB" runs at N steps only (a layout of full steps placed for N).
+
+`uvit` (and `uvit_quick`): the shipped digits U-ViT (configs/digits_uvit.py) with DPM-Solver-2 at NFE 20 and
+50, no guidance, every copy-based method (TaylorSeer forecasts, which the U-ViT sampler does not yet): a
+schedule row per model evaluation (FORA N: every N-th evaluation computes), L2C the shipped routers
+(configs/router_uvit.py:digits_dpmN; `dpmN` in `routers`), fewer_steps an even NFE.
 """
 
 import ml_collections
@@ -17,7 +23,7 @@ from l2c_jax.configs import common
 from l2c_jax.configs.digits_dit import ARCH
 from l2c_jax.resources import asset
 
-VARIANTS = ("", "quick", "frontier")
+VARIANTS = ("", "quick", "frontier", "uvit", "uvit_quick")
 PERIOD_ROUTERS = ("k3_taylor2", "k4", "k4_taylor2", "k4_taylor2_l1x5", "k6_taylor2", "k4_taylor2_learned_l1x5",
                   "k4_taylor2_learned_l1x20", "k4_taylor2_learned_l1x100", "k6_taylor2_learned_l1x5")
 # At DDIM 20 (configs/router_digits.py:20_k3_taylor2 and 20_k4_taylor2, 1,000 steps; "l1x5": --config.train.l1=2.5e-4).
@@ -27,8 +33,8 @@ IMAGE_FREE_ROUTERS = ("imagefree", "imagefree_s1", "imagefree_s2")
 
 def get_config(arg=None):
     arg = common.variant(arg, "full")
-    if arg not in ("full", "quick", "frontier"):
-        raise common.unknown("methods_digits.py", arg, ("(none)", "quick", "frontier"))
+    if arg not in ("full", "quick", "frontier", "uvit", "uvit_quick"):
+        raise common.unknown("methods_digits.py", arg, ("(none)", "quick", "frontier", "uvit", "uvit_quick"))
     c = ml_collections.ConfigDict()
     c.model = common.model("dit", checkpoint=asset("digits", "dit"), arch_fields=ARCH)
     # ddimN: the router of N steps ("l2c" rows); ddimN_NAME: another one, the l2c setting NAME (rows only at N
@@ -92,9 +98,28 @@ def get_config(arg=None):
         c.bfloat16_rows = False
         c.paired_picture = True  # pareto.png: the paired FID gap and PSNR to full (README, the frontier)
         c.workdir = "out/methods_digits_frontier"
-    if arg == "quick":
+    if arg.startswith("uvit"):
+        from l2c_jax.configs.digits_uvit import ARCH as UVIT_ARCH
+
+        c.model = common.model("uvit", checkpoint=asset("digits", "uvit"), arch_fields=UVIT_ARCH)
+        # dpmN: the router of NFE N; dpmM_fromN: the router of NFE N retargeted to M (l2c_jax.retarget).
+        c.routers = ml_collections.ConfigDict({f"dpm{n}": asset("digits", f"router_uvit_dpm{n}.safetensors")
+                                               for n in (20, 50)})
+        for n, other in ((20, 50), (50, 20)):
+            c.routers[f"dpm{n}_from{other}"] = asset("digits", f"router_uvit_dpm{other}.safetensors")
+        c.threshold = 0.9  # the U-ViT routers' (configs/router_uvit.py)
+        c.sampler = ml_collections.ConfigDict(dict(name="dpm_solver2", cfg_scale=0.0, skip_type="time_uniform"))
+        c.only = "full,l2c,fora,delta_dit,deepcache,smoothcache,error_ranked,random,fewer_steps"
+        c.methods.l2c = ("0.5", "-", "0.99", "from50", "from20")
+        c.methods.delta_dit = (3, 6, 9)
+        c.methods.taylorseer = ()
+        c.history_dtypes = ()
+        c.bfloat16_rows = False
+        c.workdir = "out/methods_digits_uvit"
+    if arg in ("quick", "uvit_quick"):
         c.num_samples = 200
         c.seeds = (0,)
         c.repeats = 1
-        c.workdir = "out/methods_digits_quick"
+        c.workdir += "_quick" if arg == "uvit_quick" else ""
+        c.workdir = "out/methods_digits_quick" if arg == "quick" else c.workdir
     return c

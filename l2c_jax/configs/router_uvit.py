@@ -13,6 +13,11 @@
   router parameters (the released dpm20 / dpm50 routers reach |prob| ~ 18).
   The router has NFE rows, as the released ones; rows 1..NFE//2-1 train
   (the first evaluation of each solver step after the first).
+- `digits_dpmN`: the shipped digits U-ViT (assets/digits/uvit, pixel space,
+  no VAE) at NFE N (even, >= 4; 20 and 50 are the shipped routers
+  assets/digits/router_uvit_dpm{20,50}.safetensors): 1,500 steps at lr 1e-2
+  as the digits DiT's routers, the released l1 weight scaled by the pixels a
+  sample's sum of squares covers (64 against 4,096 latents: 0.1 -> 1.6e-3).
 - `smoke`: a tiny random pixel-space U-ViT (16x16 RGB, 3 blocks), no VAE,
   NFE 10, 20 steps at batch 4: the U-ViT training loop on a CPU.
 
@@ -35,9 +40,10 @@ TABLE = {
     ("h2", 256, 20): (0.1, 1e-3, 0.9),
     ("h2", 256, 50): (0.1, 1e-3, 0.9),
 }
-VARIANTS = tuple(f"{t}_{s}_dpm{n}" for t, s, n in TABLE) + ("smoke",)
-VARIANTS += tuple(v + common.IMAGE_FREE for v in VARIANTS)
-FORMS = VARIANTS[:len(VARIANTS) // 2] + ("any of them + _imagefree (no images: the model's own trajectories)",)
+_BASE = tuple(f"{t}_{s}_dpm{n}" for t, s, n in TABLE) + ("smoke", "digits_dpm20", "digits_dpm50")
+VARIANTS = _BASE + tuple(v + common.IMAGE_FREE for v in _BASE)
+FORMS = _BASE[:3] + ("digits_dpmN, N even >= 4: the shipped digits U-ViT",
+                     "any of them + _imagefree (no images: the model's own trajectories)")
 _NAMES = {"h2": "U-ViT-H/2"}
 
 
@@ -84,9 +90,25 @@ def get_config(arg=None):
     return common.image_free(c) if imagefree else c
 
 
+def digits(nfe):
+    from l2c_jax.configs.digits_uvit import ARCH
+    from l2c_jax.resources import asset
+
+    c = base()
+    c.model = common.model("uvit", checkpoint=asset("digits", "uvit"), arch_fields=ARCH)
+    c.vae.checkpoint = ""
+    c.data = data_config(image_size=8, tfds_name="sklearn_digits", flip=False)
+    c.sampler.steps = nfe
+    c.train.update(dict(steps=1_500, lr=1e-2, l1=1.6e-3, log_every=250, checkpoint_every=1_000))
+    return c
+
+
 def _variant(arg):
     if arg == "smoke":
         return smoke()
+    m = re.fullmatch(r"digits_dpm([1-9][0-9]*)", arg)
+    if m is not None and int(m[1]) >= 4 and int(m[1]) % 2 == 0:
+        return digits(int(m[1]))
     m = re.fullmatch(r"(h2)_(256)_dpm([1-9][0-9]*)", arg)
     if m is None or (m[1], int(m[2]), int(m[3])) not in TABLE:
         raise common.unknown("router_uvit.py", arg, FORMS)

@@ -13,6 +13,10 @@ The variant after `:` names the run:
   conversion commands write; the released routers (U-ViT-H/2 256 at NFE 20
   and 50, threshold 0.9) are read as they are (`.pth`), other settings read
   a router trained with scripts/train_router.py (configs/router_uvit.py).
+- `digits_nfeN[_l2c]`: the shipped digits U-ViT (assets/digits/uvit, pixel
+  space, no guidance) at NFE N, `_l2c` with its shipped router
+  (assets/digits/router_uvit_dpmN.safetensors, N = 20 or 50): 100 samples,
+  ten of each digit.
 - `smoke`: a randomly initialised pixel-space U-ViT (16x16 RGB, 5 blocks), no
   checkpoint, no VAE: the whole U-ViT sampling path in seconds on a CPU.
 
@@ -32,8 +36,9 @@ RELEASED_ROUTERS = {(256, 20): "ckpt/dpm20_router.pth", (256, 50): "ckpt/dpm50_r
 THRESHOLD = 0.9
 
 FORMS = ("MODEL_SIZE_nfeN[_l2c] with MODEL h2|h4|l2|l4|m4|s2|s4, SIZE 256|512, N even (e.g. h2_256_nfe20_l2c)",
-         "smoke")
-VARIANTS = ("h2_256_nfe20", "h2_256_nfe20_l2c", "h2_256_nfe50", "h2_256_nfe50_l2c", "smoke")
+         "digits_nfeN[_l2c], N even (the shipped digits U-ViT; routers for 20 and 50)", "smoke")
+VARIANTS = ("h2_256_nfe20", "h2_256_nfe20_l2c", "h2_256_nfe50", "h2_256_nfe50_l2c", "digits_nfe20", "digits_nfe20_l2c",
+            "digits_nfe50_l2c", "smoke")
 _PATTERN = r"(?P<size>[hlms])(?P<patch>[24])_(?P<image>256|512)_nfe(?P<nfe>[1-9][0-9]*)(?P<l2c>_l2c)?"
 
 
@@ -89,10 +94,31 @@ def smoke():
     return c
 
 
+def digits(nfe, l2c):
+    from l2c_jax.configs.digits_uvit import ARCH
+    from l2c_jax.resources import asset
+
+    c = base(nfe=nfe)
+    c.model = common.model("uvit", checkpoint=asset("digits", "uvit"), arch_fields=ARCH)
+    c.vae.checkpoint = ""  # pixel space: samples are images
+    c.sampler.cfg_scale = 0.0  # no guidance, as the digits DiT samples
+    c.router.checkpoint = asset("digits", f"router_uvit_dpm{nfe}.safetensors") if l2c else ""
+    c.labels = tuple(range(10))
+    c.num_samples = 100
+    c.batch_size = 100
+    c.repeats = 2
+    c.grid_upscale = 8
+    c.workdir = f"out/uvit_digits_nfe{nfe}{'_l2c' if l2c else ''}"
+    return c
+
+
 def get_config(arg=None):
     arg = common.variant(arg, "h2_256_nfe20")
     if arg == "smoke":
         return smoke()
+    m = re.fullmatch(r"digits_nfe([1-9][0-9]*)(_l2c)?", arg)
+    if m is not None and int(m[1]) >= 4 and int(m[1]) % 2 == 0:
+        return digits(int(m[1]), bool(m[2]))
     m = re.fullmatch(_PATTERN, arg)
     model = m and f"U-ViT-{m['size'].upper()}/{m['patch']}"
     if model not in UVIT_VARIANTS:

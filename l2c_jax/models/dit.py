@@ -71,6 +71,11 @@ class DiTConfig:
         return self.num_classes > 0
 
     @property
+    def num_labels(self) -> int:
+        """The class labels a sample may carry (the null class not counted)."""
+        return self.num_classes
+
+    @property
     def has_null_class(self) -> bool:
         """Whether the label table has the null-class row guidance and dropped labels use (class dropout > 0)."""
         return self.class_dropout_prob > 0

@@ -89,6 +89,11 @@ class UViTConfig:
         return self.num_classes - 1 if self.conditional else None
 
     @property
+    def num_labels(self) -> int:
+        """The class labels a sample may carry: the table's rows less the null class (0 if unconditional)."""
+        return self.num_classes - 1 if self.conditional else 0
+
+    @property
     def extras(self) -> int:
         return 2 if self.conditional else 1
 

@@ -96,16 +96,15 @@ def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: O
             raise ConfigError(f"schedule needs a router{' named ' + repr(name) if name else ''}: pass router= "
                               f"(--config.router.checkpoint){' or routers=' if name else ''}")
         routed = _router_schedule(model, r, threshold if thr is None else thr, rows, retarget, skip_type)
-        sampler.check_router_masks(routed.masks)
-        return routed
+        return dataclasses.replace(routed, masks=sampler.check_router_masks(routed.masks))
 
     if isinstance(schedule, Schedule):
         result = schedule
     elif isinstance(schedule, str):
         name, setting = parse_spec(schedule)
-        if model.family != "dit" and name not in ("full", "l2c"):
-            raise ConfigError(f"the caching methods run on DiT models for now; a {model.family} model samples "
-                              "'full' or 'l2c'")
+        if model.family != "dit" and name == "taylorseer":
+            raise ConfigError(f"taylorseer forecasts; a {model.family} model samples cached units as copies for now "
+                              "(every other caching method applies)")
         cal = {"num_samples": 64, "seed": 1000, **dict(calibration or {})}
 
         def calibration_noise(n):
@@ -113,7 +112,7 @@ def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: O
 
             cfg = model.config
             noise = sample_noise(int(cal["seed"]), np.arange(n), (cfg.input_size, cfg.input_size, cfg.in_channels))
-            return noise, np.arange(n) % cfg.num_classes
+            return noise, calibration_labels(cfg, n)
 
         def changes():
             return unit_changes(sampler, *calibration_noise(int(cal["num_samples"])))
@@ -131,6 +130,11 @@ def resolve_schedule(model, sampler, schedule=None, *, router=None, threshold: O
     if forecast is not None:
         result = dataclasses.replace(result, forecast=forecast)
     return result
+
+
+def calibration_labels(cfg, n: int):
+    """Labels 0, 1, ... cycling over the model's classes (the null class never), None for an unconditional model."""
+    return np.arange(n) % cfg.num_labels if cfg.num_labels else None
 
 
 def as_router(router, model=None):

@@ -114,8 +114,13 @@ class Sampler:
         """(what one sample runs, what the computed share counts), for reports."""
         raise NotImplementedError
 
+    def evaluation_masks(self, masks) -> np.ndarray:
+        """A schedule's masks as one row per model evaluation (a family whose rows differ overrides)."""
+        return np.asarray(masks, bool)
+
     def check_router_masks(self, masks):
-        """Refuses a router schedule this sampler cannot run (a family with its own rule overrides)."""
+        """A router's masks as this sampler's schedule rows (one per model evaluation); refuses what it cannot
+        run (a family with its own rule overrides)."""
         return masks
 
     def _init_steps(self, strategy: str, cache_dtype=None):

@@ -125,11 +125,12 @@ class UViTSampler(Sampler):
                 f"{self.nfe} evaluations x {self.model.num_units}")
 
     def check_router_masks(self, masks):
-        # A router's masks cover the first evaluation of each solver step.
+        """A router's masks (one row per solver step: its first evaluation) checked and expanded to one row per
+        model evaluation, every other evaluation full (`evaluation_masks`), as methods' schedules are."""
         if masks is not None and masks.shape[0] != self.num_steps:
             raise ConfigError(f"the router's masks cover {masks.shape[0]} solver steps, NFE {self.nfe} with this "
                               f"solver takes {self.num_steps}; uvit-dpm2 routers are for dpm_solver2")
-        return masks
+        return None if masks is None else self.evaluation_masks(masks)
 
     @property
     def num_steps(self) -> int:
@@ -166,13 +167,14 @@ class UViTSampler(Sampler):
             eps = cond + cfg_scale * (cond - uncond)
         return eps, (cast_cache(new_cache, self.cache_dtype) if keep_cache else None), (calls if record else None)
 
-    def _plan(self, schedule, record: bool = False) -> list:
+    def _plan(self, schedule, record: bool = False, carry: bool = False) -> list:
         # static: (mask, keep the cache for the next evaluation, a cache comes in, record); cond: one program.
+        # carry: every evaluation returns its units (on_step reads each value).
         if self.strategy == "cond":
             return [("cond", True, True, record)] * len(schedule)
         keys = []
         for e, m in enumerate(schedule):
-            keep = e + 1 < len(schedule) and schedule[e + 1] is not None
+            keep = carry or (e + 1 < len(schedule) and schedule[e + 1] is not None)
             keys.append((m, keep, m is not None, record))
         return keys
 
@@ -240,6 +242,10 @@ class UViTSampler(Sampler):
                               "(there is no cache yet)")
         return out
 
+    def history_bytes(self, schedule=None, batch: int = 1) -> dict:
+        """Forecast history a schedule keeps: none, U-ViT samples cached units as copies."""
+        return dict(kept=0, all_units=0)
+
     def computed_share(self, masks=None) -> float:
         """Computed unit evaluations / (NFE x 2*num_blocks), per guidance branch."""
         return float(self.evaluation_masks(masks).mean())
@@ -267,7 +273,7 @@ class UViTSampler(Sampler):
         return noise, y
 
     def __call__(self, noise, y=None, masks=None, key=None, progress: bool = False, cfg_scale="default",
-                 trace: Optional[List[dict]] = None, on_state=None):
+                 trace: Optional[List[dict]] = None, on_state=None, on_step=None):
         """noise (B,H,W,C) float32, y (B,) int labels (None if unconditional) -> latents (B,H,W,C).
 
         masks: the cache schedule, per model evaluation (NFE rows) or per solver
@@ -280,13 +286,17 @@ class UViTSampler(Sampler):
         key: accepted for one call form across families; DPM-Solver draws no noise.
         on_state: called as on_state(k, x) before every solver step k with the
         state (B,H,W,C) it starts from (at the solver's time of that step).
+        on_step: called as on_step(e, units) after every model evaluation e with the
+        tuple of the units' values the cache keeps (rows [cond | uncond] under
+        batched guidance; the conditional branch's with batch_cfg=False). The next
+        evaluation may take those buffers over: copy what you keep.
         """
         scale = call_scale(self.cfg_scale, cfg_scale, off_value=0.0)
         scale = None if scale is None else jnp.float32(scale)
         x, y = self._check_inputs(noise, y)
         schedule = self.schedule_of(masks)
         record = trace is not None
-        plan = self._plan(schedule, record)
+        plan = self._plan(schedule, record, carry=on_step is not None)
         params = self.model.params
         state = {"cache": self._cache(x.shape[0]) if self.strategy == "cond" else None, "e": 0}
         prev, t_prev = None, None
@@ -304,6 +314,9 @@ class UViTSampler(Sampler):
             eps, state["cache"], calls = self.run(plan[e], params, xx, tt, y, cache_in, scale, self.mask_arg(mask),
                                                   aot_ok=not record)
             state["e"] = e + 1
+            if on_step is not None:
+                cache = state["cache"]
+                on_step(e, cache[0] if self.cfg_scale is not None and not self.batch_cfg else cache)
             if record:
                 for cx, ct, cy, co in calls:
                     trace.append({"x": np.asarray(cx), "t": np.asarray(ct),
