@@ -116,3 +116,26 @@ def test_peak_table_and_schedule_flops():
     assert schedule_flops(cfg, None, 3, 2) == 3 * forward_flops(cfg, 2)
     masks = np.zeros((3, 56), bool)
     assert schedule_flops(cfg, masks, 3, 2) < schedule_flops(cfg, masks | True, 3, 2) == 3 * forward_flops(cfg, 2)
+
+
+@pytest.mark.parametrize("variant,schedules", [("digits_schedules", ("fora:4", "taylorseer:4/2")),
+                                               ("digits_uvit_schedules", ("fora:2", "l2c:l2c"))])
+def test_the_schedules_benchmark_times_both_families_beside_their_bounds(tmp_path, variant, schedules):
+    from l2c_jax.bench.schedules import run_schedules_benchmark
+    from l2c_jax.cli import parse_config_flags
+
+    out = tmp_path / "rows.jsonl"
+    config, _ = parse_config_flags(["--config", f"configs/bench.py:{variant}", "--config.batch_size=4",
+                                    "--config.repeats=1", "--config.strategy=cond", f"--config.output={out}",
+                                    f"--config.compilation_cache_dir={tmp_path / 'xla'}"])
+    config.schedules = schedules
+    config.history_dtypes = ()
+    run_schedules_benchmark(config, report=lambda *_: None)
+    row = json.loads(out.read_text().splitlines()[0])
+    by = {r["schedule"]: r for r in row["rows"]}
+    assert set(by) == {"full", *schedules} and row["steps"] == 50
+    assert by["full"]["flop_bound"] == 1.0 and all(r["latency"] > 0 for r in row["rows"])
+    first = by[schedules[0]]
+    assert first["computed_share"] == pytest.approx(0.26 if variant == "digits_schedules" else 0.5)
+    assert first["flop_bound"] > 1.5
+    assert first["speedup_over_bound"] == pytest.approx(first["speedup"] / first["flop_bound"])

@@ -98,14 +98,16 @@ def model_config(config):
     return build_model(config, abstract=True).config
 
 
-def build_model(config, abstract: bool = False):
-    """A float32 DiT `Model` from `config.model`: converted (`checkpoint`) or random (`random_init`,
-    `name` + `arch`), as `l2c_jax.model.model_from_config` reads it; abstract = shapes only."""
+def build_model(config, abstract: bool = False, families=("dit",)):
+    """A float32 `Model` from `config.model`: converted (`checkpoint`) or random (`random_init`,
+    `name` + `arch`), as `l2c_jax.model.model_from_config` reads it; abstract = shapes only. families: those
+    the calling benchmark times (DiT only, but for the schedules benchmark)."""
     from l2c_jax.model import model_from_config
 
     model = model_from_config(config.model, abstract=abstract)
-    if model.family != "dit":
-        raise ConfigError(f"the benchmark times DiT sampling; config.model is a {model.family} model")
+    if model.family not in families:
+        raise ConfigError(f"this benchmark times {' and '.join(families)} sampling; config.model is a "
+                          f"{model.family} model")
     return model
 
 

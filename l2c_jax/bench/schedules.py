@@ -25,11 +25,11 @@ def run_schedules_benchmark(config, report: Callable = print, argv=None) -> dict
     import jax
 
     from l2c_jax.bench.flops import flop_bound
-    from l2c_jax.sampling import resolve_schedule, sampler_for
+    from l2c_jax.sampling import calibration_labels, resolve_schedule, sampler_class, sampler_for
     from l2c_jax.sampling.draws import sample_noise
 
     compilation_cache_of(config)
-    model = build_model(config)
+    model = build_model(config, families=("dit", "uvit"))
     cfg = model.config
     sc = config.sampler
     steps, batch, repeats = int(sc.steps), int(config.batch_size), int(config.get("repeats", 3))
@@ -37,11 +37,12 @@ def run_schedules_benchmark(config, report: Callable = print, argv=None) -> dict
         raise ConfigError("repeats and batch_size must be at least 1")
     strategy = config.get("strategy", "static")
     noise = sample_noise(int(config.get("seed", 0)), np.arange(batch), (cfg.input_size, cfg.input_size, cfg.in_channels))
-    y = np.arange(batch) % cfg.num_classes
+    y = calibration_labels(cfg, batch)
+    options = sampler_class(model.family).options_from_config(sc)
 
     def sampler(k, history_dtype=None):
-        return sampler_for(model, sc.get("name", "ddim"), k, False, strategy, guidance_channels=sc.get(
-            "guidance_channels", 3), **({"history_dtype": history_dtype} if history_dtype else {}))
+        return sampler_for(model, sc.get("name", "ddim"), k, False, strategy, **options,
+                           **({"history_dtype": history_dtype} if history_dtype else {}))
 
     full = sampler(steps)
     runs = {"full": (full, None, None)}

@@ -34,6 +34,9 @@
   FORA 4 and 6 (copies) and L2C timed against full sampling side by side,
   each beside its FLOP bound, forecasts also with bfloat16 history
   (`--config.schedules=...` for others, any caching method).
+- `digits_uvit_schedules`, mode "schedules": the same on the shipped digits
+  U-ViT, DPM-Solver-2 at NFE 50, batch 1,000: FORA 2 and 4 and DeepCache 3
+  (every N-th model evaluation computes), its L2C router and NFE 24.
 - `smoke`: a tiny random DiT, 10 DDIM steps, a seeded random router: the
   benchmark's plumbing in seconds (tests/test_benchmark.py); its numbers mean little.
 """
@@ -53,9 +56,11 @@ _FIXTURES = os.path.join(os.path.dirname(_CHECKOUT), "shared", "fixtures", "rout
 _ROUTERS = {"ddim20": "DDIM20_router.pt", "ddim50": "DDIM50_router.pt", "dpm20": "dpm20_router.pth"}
 
 FORMS = ("dit_xl2_256_ddim20", "dit_xl2_256_ddim50", "dit_MODEL_SIZE_forward (e.g. dit_xl2_256_forward)",
-         "user_path_dit", "user_path_dit_taylorseer", "user_path_uvit", "digits_schedules", "smoke")
+         "user_path_dit", "user_path_dit_taylorseer", "user_path_uvit", "digits_schedules", "digits_uvit_schedules",
+         "smoke")
 VARIANTS = ("dit_xl2_256_ddim20", "dit_xl2_256_ddim50", "dit_xl2_256_forward", "dit_xl2_512_forward",
-            "user_path_dit", "user_path_dit_taylorseer", "user_path_uvit", "digits_schedules", "smoke")
+            "user_path_dit", "user_path_dit_taylorseer", "user_path_uvit", "digits_schedules", "digits_uvit_schedules",
+         "smoke")
 
 
 def released_router(name: str) -> str:
@@ -158,6 +163,23 @@ def schedules_benchmark():
     return c
 
 
+def uvit_schedules_benchmark():
+    """The digits U-ViT (configs/digits_uvit.py), DPM-Solver-2 at NFE 50: copy schedules against full."""
+    from l2c_jax.configs.digits_uvit import ARCH
+    from l2c_jax.resources import asset
+
+    c = schedules_benchmark()
+    c.name = "digits_uvit_schedules_nfe50"
+    c.model = common.model("uvit", checkpoint=asset("digits", "uvit"), arch_fields=ARCH)
+    c.sampler = ml_collections.ConfigDict(dict(name="dpm_solver2", steps=50, skip_type="time_uniform"))
+    c.routers = ml_collections.ConfigDict(dict(l2c=asset("digits", "router_uvit_dpm50.safetensors")))
+    c.threshold = 0.9
+    c.schedules = ("fora:2", "fora:4", "deepcache:3", "l2c:l2c", "fewer_steps:24")
+    c.history_dtypes = ()
+    c.output = "out/bench/digits_uvit_schedules.jsonl"
+    return c
+
+
 def smoke():
     c = sample_benchmark()
     c.name = "dit_smoke"
@@ -187,6 +209,8 @@ def get_config(arg=None):
         return user_path_benchmark(arg[len("user_path_"):])
     if arg == "digits_schedules":
         return schedules_benchmark()
+    if arg == "digits_uvit_schedules":
+        return uvit_schedules_benchmark()
     if arg == "user_path_dit_taylorseer":  # DiT-XL/2, DDIM 20, batch 8 with guidance, TaylorSeer 3/2, bf16 history
         c = user_path_benchmark("dit", schedule="taylorseer:3/2")
         c.batch_size = 8
