@@ -107,10 +107,12 @@ def get_config(arg=None):
                                                for n in (20, 50)})
         for n, other in ((20, 50), (50, 20)):
             c.routers[f"dpm{n}_from{other}"] = asset("digits", f"router_uvit_dpm{other}.safetensors")
+            # configs/router_uvit.py:digits_dpmN_imagefree: no images, the model's own trajectories.
+            c.routers[f"dpm{n}_imagefree"] = asset("digits", f"router_uvit_dpm{n}_imagefree.safetensors")
         c.threshold = 0.9  # the U-ViT routers' (configs/router_uvit.py)
         c.sampler = ml_collections.ConfigDict(dict(name="dpm_solver2", cfg_scale=0.0, skip_type="time_uniform"))
         c.only = "full,l2c,fora,delta_dit,deepcache,smoothcache,error_ranked,random,fewer_steps"
-        c.methods.l2c = ("0.5", "-", "0.99", "from50", "from20")
+        c.methods.l2c = ("0.5", "-", "0.99", "imagefree", "from50", "from20")
         c.methods.delta_dit = (3, 6, 9)
         c.methods.taylorseer = ()
         c.history_dtypes = ()
