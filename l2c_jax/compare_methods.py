@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2c_jax.errors import ConfigError
+from l2c_jax.pareto import plot_pareto
 
 
 class MissingRouter(ConfigError):
@@ -70,12 +71,12 @@ def _settings_at(config, steps: int) -> list:
     return out
 
 
-def _fewer(setting, steps: int, even: bool = False):
-    """fewer_steps' knob: a step count, or a share of `steps` (< 1); `even`: rounded to an even count (U-ViT's
+def _fewer(setting, steps: int, multiple: int = 1):
+    """fewer_steps' knob: a step count, or a share of `steps` (< 1), rounded to a `multiple` (U-ViT's
     DPM-Solver-2 evaluates twice per step)."""
     v = float(setting)
     k = max(1, int(round(v * steps))) if v < 1 else int(v)
-    return str(max(2, 2 * int(round(k / 2)))) if even else str(k)
+    return str(max(multiple, multiple * int(round(k / multiple))))
 
 
 class Harness:
@@ -88,7 +89,7 @@ class Harness:
 
     def __init__(self, config, workdir: str, report=print):
         from l2c_jax.model import model_from_config
-        from l2c_jax.sampling import calibration_labels, is_guided
+        from l2c_jax.sampling import calibration_labels, is_guided, sampler_class
 
         self.config, self.workdir, self.report = config, workdir, report
         self.models = {"float32": model_from_config(config.model, dtype=jnp.float32)}
@@ -97,8 +98,8 @@ class Harness:
         self.model = self.models["float32"]
         if self.model.family not in ("dit", "uvit"):
             raise ConfigError(f"the methods harness runs DiT and U-ViT models, not {self.model.family}")
-        # Router names and step knobs: DDIM steps for DiT, DPM-Solver-2 NFE for U-ViT.
-        self.prefix = "ddim" if self.model.family == "dit" else "dpm"
+        # Router names, step knobs and labels: DDIM steps for DiT, DPM-Solver-2 NFE for U-ViT.
+        self.family = sampler_class(self.model.family)
         cfg = self.model.config
         sc = config.sampler
         self.scale = sc.get("cfg_scale")
@@ -118,27 +119,24 @@ class Harness:
         self._steps = None
 
     def sampler(self, steps: int, dtype: str = "float32", **options):
-        from l2c_jax.sampling import sampler_class, sampler_for
+        from l2c_jax.sampling import sampler_for
 
         sc = self.config.sampler
-        model = self.models[dtype]
-        default = "ddim" if model.family == "dit" else "dpm_solver2"
-        return sampler_for(model, sc.get("name", default), int(steps), self.guided, self.strategy,
-                           **sampler_class(model.family).options_from_config(sc),
+        return sampler_for(self.models[dtype], sc.get("name", self.family.default_solver), int(steps), self.guided,
+                           self.strategy, **self.family.options_from_config(sc),
                            **{k: v for k, v in options.items() if v})
 
     def router(self, steps: int, name: str = ""):
         """config.routers: ddim<steps> is the step count's router, ddim<steps>_<name> another (ddim50_k3);
         ddimM_fromN a router of N steps, retargeted (U-ViT: dpm<NFE>...)."""
         from l2c_jax.router import load_router
-        from l2c_jax.sampling import sampler_class
 
-        key = f"{self.prefix}{steps}_{name}" if name else f"{self.prefix}{steps}"
+        prefix = self.family.rows_prefix
+        key = f"{prefix}{steps}_{name}" if name else f"{prefix}{steps}"
         if not self.config.routers.get(key):
             raise MissingRouter(f"config.routers has no router {key!r}")
         if key not in self._routers:
-            kind = sampler_class(self.model.family).router_kind
-            self._routers[key] = load_router(self.config.routers.get(key), kind=kind)
+            self._routers[key] = load_router(self.config.routers.get(key), kind=self.family.router_kind)
         return self._routers[key], bool(re.search(r"_from\d+$", key))
 
     def begin(self, steps: int):
@@ -243,7 +241,7 @@ def _run_methods(config, workdir, report) -> list:
         todo = []
         for name, setting in _settings_at(config, steps):
             if name == "fewer_steps":
-                setting = _fewer(setting, steps, even=h.model.family == "uvit")
+                setting = _fewer(setting, steps, h.family.step_multiple)
             try:
                 start = time.perf_counter()
                 todo.append((make_schedule(ctx, name, None if setting in ("-", None) else setting), "float32", {}))
@@ -255,13 +253,13 @@ def _run_methods(config, workdir, report) -> list:
             except MissingRouter as e:  # a router named for some step counts only (e.g. a longer period at 50)
                 if name != "l2c" or not str(setting).strip("-"):
                     raise
-                report(f"  {name} {setting}: skipped at {h.prefix.upper()} {steps} ({e})")
+                report(f"  {name} {setting}: skipped at {h.family.rows_label} {steps} ({e})")
         for dtype in [d for d in h.models if d != "float32"]:
             todo += [(make_schedule(ctx, "full"), dtype, {}), (make_schedule(ctx, "l2c"), dtype, {})]
         for hd in config.get("history_dtypes") or ():  # forecasting schedules again, their history narrower
             todo += [(sched, "float32", dict(history_dtype=hd)) for sched, d, o in list(todo)
                      if d == "float32" and not o and sched.forecasts]
-        report(f"{h.prefix.upper()} {steps}: {len(todo)} schedules x {len(h.seeds)} seeds x {h.n} images "
+        report(f"{h.family.rows_label} {steps}: {len(todo)} schedules x {len(h.seeds)} seeds x {h.n} images "
                f"(full: {h.t_full:.3f} s per batch)")
         for sched, dtype, options in todo:
             row, _ = h.measure(sched, dtype, **options)
@@ -275,7 +273,7 @@ def _run_methods(config, workdir, report) -> list:
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
     png = plot_pareto(rows, os.path.join(workdir, "pareto.png"), paired=bool(config.get("paired_picture")),
-                      solver="DDIM" if h.prefix == "ddim" else "NFE")
+                      solver=h.family.rows_label)
     report(f"wrote {path}" + (f" and {png}" if png else ""))
     return rows
 
@@ -418,65 +416,3 @@ def _fid_function(config, workdir):
                                   progress=False)["FID"])
         return adm_fid
     return None
-
-
-def _series(row) -> str:
-    """The line a row joins in the picture: its method, TaylorSeer split by where its full steps are."""
-    if row["method"] != "taylorseer":
-        return row["method"]
-    base = str(row["setting"]).partition("/")[0]
-    if base.startswith("search"):
-        return "taylorseer, searched full steps"
-    if base.startswith("warp") or "," in base:
-        return "taylorseer, warped full steps"
-    return "taylorseer" if base.isdigit() else f"taylorseer {base}"
-
-
-def plot_pareto(rows, path: str, paired: bool = False, solver: str = "DDIM") -> Optional[str]:
-    """FID (mean ± sd over seeds) against computed share, a panel per step count, a line per method.
-
-    solver: what a panel counts ("DDIM" steps, U-ViT's "NFE").
-    paired: instead, the paired FID gap to full (FID − full seed by seed, mean ± sd) above and PSNR to full
-    below, TaylorSeer's rows split by how their full steps are placed (the frontier near full, where
-    unpaired spreads hide every difference)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ConfigError("the Pareto picture needs matplotlib: pip install 'l2c_jax[plots]'") from e
-    rows = [r for r in rows if r["dtype"] == "float32"]
-    # FID where it was computed; else fidelity to the full sampler (PSNR, higher is better).
-    key, label = (("fid_mean", "FID (mean ± sd over seeds)") if any(r["fid_mean"] is not None for r in rows)
-                  else ("psnr_to_full", "PSNR to the full sampler (dB)"))
-    rows = [r for r in rows if r[key] is not None and np.isfinite(r[key]) or r["method"] == "full"]
-    if not rows:
-        return None
-    paired = paired and key == "fid_mean"
-    panels = [("fid_gap_mean", "fid_gap_sd", "FID − full, paired (mean ± sd over seeds)"),
-              ("psnr_to_full", None, "PSNR to the full sampler (dB)")] if paired else [(key, "fid_sd", label)]
-    steps = sorted({r["reference_steps"] for r in rows})
-    fig, axes = plt.subplots(len(panels), len(steps), figsize=(6.5 * len(steps), 4.8 * len(panels)), squeeze=False)
-    for col, n in enumerate(steps):
-        these = [r for r in rows if r["reference_steps"] == n]
-        for ax, (y, err, ylabel) in zip(axes[:, col], panels):
-            series = _series if paired else (lambda r: r["method"])
-            for m in dict.fromkeys(series(r) for r in these):
-                pts = sorted((r for r in these if series(r) == m), key=lambda r: r["computed_share"])
-                if m == "full":
-                    if y in ("fid_mean", "fid_gap_mean"):
-                        ax.axhline(pts[0][y], color="k", lw=0.8, ls=":", label=f"full {solver} {n}")
-                    continue
-                ax.errorbar([p["computed_share"] for p in pts], [p[y] for p in pts],
-                            yerr=[(p[err] or 0) if err else 0 for p in pts], marker="o", ms=4, capsize=3, label=m)
-            ax.set_xlabel("computed share of unit evaluations")
-            ax.set_ylabel(ylabel)
-            if y == "fid_mean":
-                ax.set_yscale("log")  # the methods span two orders of magnitude; the good ones sit near full
-            ax.set_title(f"{solver} {n}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -38,10 +38,11 @@ def run_schedules_benchmark(config, report: Callable = print, argv=None) -> dict
     strategy = config.get("strategy", "static")
     noise = sample_noise(int(config.get("seed", 0)), np.arange(batch), (cfg.input_size, cfg.input_size, cfg.in_channels))
     y = calibration_labels(cfg, batch)
-    options = sampler_class(model.family).options_from_config(sc)
+    family = sampler_class(model.family)
+    options = family.options_from_config(sc)
 
     def sampler(k, history_dtype=None):
-        return sampler_for(model, sc.get("name", "ddim"), k, False, strategy, **options,
+        return sampler_for(model, sc.get("name", family.default_solver), k, False, strategy, **options,
                            **({"history_dtype": history_dtype} if history_dtype else {}))
 
     full = sampler(steps)

@@ -101,6 +101,10 @@ class Sampler:
 
     family = ""
     guidance_off = 1.0  # the scale at which guidance is the identity
+    default_solver = ""
+    # Jobs' names for a step count: router keys ("ddim50", "dpm20") and labels ("DDIM 50", "NFE 20").
+    rows_prefix, rows_label = "", ""
+    step_multiple = 1  # model evaluations a solver step makes: a step count is a multiple of it
     strategy = "static"
     draws_noise = False  # True where a call needs a PRNG key (ancestral steps)
     compile_ahead = True  # whether jobs compile a schedule's graphs before sampling (`compile`)

@@ -82,6 +82,8 @@ class DiTSampler(Sampler):
     family = "dit"
     router_kind = "dit-ddim"
     solvers = ("ddim", "ddpm")
+    default_solver = "ddim"
+    rows_prefix, rows_label = "ddim", "DDIM"
     guidance_off = 1.0
 
     def __init__(self, model, steps: int, solver: str = "ddim", cfg_scale: Optional[float] = None,

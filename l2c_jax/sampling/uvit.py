@@ -87,6 +87,9 @@ class UViTSampler(Sampler):
     # 11 programs of U-ViT-H/2's NFE-20 schedule ahead raised sample.py's peak from 4.23 to 4.52 GiB.
     compile_ahead = False
     solvers = tuple(SOLVERS)
+    default_solver = "dpm_solver2"
+    rows_prefix, rows_label = "dpm", "NFE"
+    step_multiple = 2  # DPM-Solver-2, the routers' solver: a start and a midpoint
     guidance_off = 0.0
 
     def __init__(self, model, steps: int, cfg_scale: Optional[float] = None, solver: str = "dpm_solver2",
